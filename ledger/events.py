@@ -1,0 +1,195 @@
+"""Event types: frozen dataclasses named in the past tense, a registry by name, upcasting."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from ledger.errors import SerializationError, UnknownEventType
+from ledger.serialization import JsonValue, parse_timestamp, to_json_value
+
+Upcaster = Callable[[dict[str, JsonValue]], dict[str, JsonValue]]
+
+_registry: dict[str, type[Event]] = {}
+_upcasters: dict[tuple[str, int], Upcaster] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base of every event: something that happened at `occurred_at`; subclasses add the payload."""
+
+    occurred_at: datetime
+
+    type_name: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
+        if cls.type_name in _registry:
+            raise TypeError(f"event type {cls.type_name!r} is already registered")
+        _registry[cls.type_name] = cls
+
+
+def event_class(type_name: str) -> type[Event]:
+    """Return the registered class for a type name."""
+    try:
+        return _registry[type_name]
+    except KeyError:
+        raise UnknownEventType(type_name) from None
+
+
+def registered_types() -> list[type[Event]]:
+    """Every registered event class, in registration order."""
+    return list(_registry.values())
+
+
+def upcaster(type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register a function that turns a `from_version` payload of `type_name` into the next."""
+
+    def register(function: Upcaster) -> Upcaster:
+        _upcasters[(type_name, from_version)] = function
+        return function
+
+    return register
+
+
+def event_data(event: Event) -> dict[str, JsonValue]:
+    """The event's payload as plain JSON: all fields but `occurred_at`, which the envelope keeps."""
+    cls = type(event)
+    if _registry.get(getattr(cls, "type_name", "")) is not cls:
+        raise UnknownEventType(cls.__name__)
+    payload = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    del payload["occurred_at"]
+    data = to_json_value(payload, f"${cls.type_name}")
+    assert isinstance(data, dict)
+    return data
+
+
+def decode_event(
+    type_name: str, schema_version: int, data: Mapping[str, JsonValue], occurred_at: datetime
+) -> Event:
+    """Rebuild an event from stored JSON, upcasting payloads written by older schema versions."""
+    cls = event_class(type_name)
+    payload = _upcast(type_name, schema_version, cls.schema_version, dict(data))
+    hints = _field_types(cls)
+    unknown = payload.keys() - hints.keys()
+    if unknown:
+        raise SerializationError(f"{type_name}: unexpected fields {sorted(unknown)}")
+    try:
+        values = {name: _from_json(hints[name], value) for name, value in payload.items()}
+        return cls(occurred_at=occurred_at, **values)
+    except (TypeError, ValueError) as e:
+        raise SerializationError(f"{type_name}: {e}") from e
+
+
+def _upcast(
+    type_name: str, stored: int, current: int, data: dict[str, JsonValue]
+) -> dict[str, JsonValue]:
+    if stored > current:
+        raise SerializationError(
+            f"{type_name} was written at schema version {stored}; this code knows up to {current}"
+        )
+    for version in range(stored, current):
+        step = _upcasters.get((type_name, version))
+        if step is None:
+            raise SerializationError(f"{type_name}: no upcaster from schema version {version}")
+        data = step(data)
+    return data
+
+
+def _field_types(cls: type[Event]) -> dict[str, Any]:
+    return _field_types_by_name(cls.type_name)
+
+
+@functools.cache
+def _field_types_by_name(type_name: str) -> dict[str, Any]:
+    cls = _registry[type_name]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "occurred_at"}
+
+
+def _from_json(hint: Any, value: JsonValue) -> Any:
+    """Undo to_json_value for the field types events use: datetimes and tuples."""
+    if value is None:
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _from_json(options[0], value) if len(options) == 1 else value
+    if hint is datetime:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a timestamp string, got {type(value).__name__}")
+        return parse_timestamp(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_from_json(item, v) for v in value)
+    return value
+
+
+# The session vocabulary. A session stream (stream_type "session") holds one session's life; a
+# principal stream (stream_type "principal") holds one user's failed logins and lockouts.
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionStarted(Event):
+    """A user logged in through a client and a session began."""
+
+    user: str
+    client_id: str
+    scope: tuple[str, ...]
+    refresh_token_hash: str
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshTokenRotated(Event):
+    """A refresh token was exchanged; `generation` is the new current one."""
+
+    generation: int
+    refresh_token_hash: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivityRecorded(Event):
+    """The client reported user activity in the session."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshTokenReuseDetected(Event):
+    """A rotated refresh token was presented again outside the grace window."""
+
+    presented_generation: int
+    current_generation: int
+    first_use: dict[str, JsonValue]
+    reuse: dict[str, JsonValue]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionEnded(Event):
+    """The session ended by logout, revocation or expiry; `reason` says which."""
+
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoginFailed(Event):
+    """A login attempt for the principal failed."""
+
+    reason: str
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalLocked(Event):
+    """Too many failed logins: the principal may not log in until `until`."""
+
+    until: datetime
+    failures: int
