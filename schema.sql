@@ -52,6 +52,50 @@ CREATE OR REPLACE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_reject_change();
 
+-- Appends events to one stream in a single round trip: checks the expected version, and chains
+-- each event's hash to the previous one (hash = sha256(prev_hash || canonical body), where the
+-- writer supplies the body). On a stale expected version it writes nothing and returns one row
+-- (NULL, actual version); otherwise one row (position, version) per event. A concurrent writer
+-- that wins the race makes this fail with a unique violation on events_stream_version_key.
+CREATE OR REPLACE FUNCTION ledger_append(
+    p_stream_id       text,
+    p_stream_type     text,
+    p_expected        integer,
+    p_types           text[],
+    p_schema_versions smallint[],
+    p_data            jsonb[],
+    p_metadata        jsonb,
+    p_occurred_at     timestamptz[],
+    p_bodies          bytea[]
+) RETURNS TABLE (event_position bigint, stream_version integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    head_hash bytea;
+BEGIN
+    SELECT e.version, e.hash INTO stream_version, head_hash
+      FROM events e WHERE e.stream_id = p_stream_id ORDER BY e.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        stream_version := 0;
+        head_hash := decode(repeat('00', 32), 'hex');
+    END IF;
+    IF stream_version <> p_expected THEN
+        event_position := NULL;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    FOR i IN 1 .. cardinality(p_types) LOOP
+        stream_version := p_expected + i;
+        INSERT INTO events (stream_id, stream_type, version, type, schema_version, data, metadata,
+                            occurred_at, prev_hash, hash)
+        VALUES (p_stream_id, p_stream_type, stream_version, p_types[i], p_schema_versions[i],
+                p_data[i], p_metadata, p_occurred_at[i], head_hash,
+                sha256(head_hash || p_bodies[i]))
+        RETURNING events.position, events.hash INTO event_position, head_hash;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- The least-privilege runtime role: INSERT and SELECT on events, nothing else. It is created only
 -- when the connecting user may create roles; otherwise a superuser creates it once (README).
 DO $$

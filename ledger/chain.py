@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -13,7 +14,7 @@ GENESIS = bytes(32)
 
 @dataclass(frozen=True)
 class Envelope:
-    """Everything about an event that the hash chain protects."""
+    """Everything about an event that the hash chain protects; payloads as canonical JSON text."""
 
     stream_id: str
     stream_type: str
@@ -21,22 +22,56 @@ class Envelope:
     type: str
     schema_version: int
     occurred_at: datetime
-    data: dict[str, JsonValue]
-    metadata: dict[str, JsonValue]
+    data_json: str
+    metadata_json: str
+
+    def body(self) -> bytes:
+        """The canonical bytes of the whole envelope, as canonical_bytes would encode it as a dict.
+
+        Assembled from the already canonical payload texts (keys in sorted order) so that a large
+        payload is encoded once, not twice; a property test holds it equal to canonical_bytes.
+        """
+        return (
+            f'{{"data":{self.data_json},"metadata":{self.metadata_json},'
+            f'"occurred_at":"{format_timestamp(self.occurred_at)}",'
+            f'"schema_version":{self.schema_version},"stream_id":{_string(self.stream_id)},'
+            f'"stream_type":{_string(self.stream_type)},"type":{_string(self.type)},'
+            f'"version":{self.version}}}'
+        ).encode()
 
     def link_hash(self, prev_hash: bytes) -> bytes:
         """The hash of this event when it follows an event whose hash is `prev_hash`."""
-        body: JsonValue = {
-            "stream_id": self.stream_id,
-            "stream_type": self.stream_type,
-            "version": self.version,
-            "type": self.type,
-            "schema_version": self.schema_version,
-            "occurred_at": format_timestamp(self.occurred_at),
-            "data": self.data,
-            "metadata": self.metadata,
-        }
-        return hashlib.sha256(prev_hash + canonical_bytes(body)).digest()
+        return hashlib.sha256(prev_hash + self.body()).digest()
+
+    @classmethod
+    def of(
+        cls,
+        stream_id: str,
+        stream_type: str,
+        version: int,
+        type_name: str,
+        schema_version: int,
+        occurred_at: datetime,
+        data: JsonValue,
+        metadata: JsonValue,
+    ) -> Envelope:
+        """An envelope of plain JSON payloads (as read back from jsonb)."""
+        data_json = canonical_bytes(data).decode("utf-8")
+        metadata_json = canonical_bytes(metadata).decode("utf-8")
+        return cls(
+            stream_id,
+            stream_type,
+            version,
+            type_name,
+            schema_version,
+            occurred_at,
+            data_json,
+            metadata_json,
+        )
+
+
+def _string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

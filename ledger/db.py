@@ -46,8 +46,16 @@ def open_pool(
     url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
 ) -> ConnectionPool:
     """Open a connection pool and wait until it holds a working connection."""
+    # Autocommit: a single-statement append or read needs no BEGIN/COMMIT round trips; code
+    # that needs several statements in one transaction opens one with conn.transaction().
     pool = ConnectionPool(
-        url, min_size=min_size, max_size=max_size, timeout=timeout, open=False, name="ledger"
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        name="ledger",
+        kwargs={"autocommit": True},
     )
     with translated_errors():
         try:

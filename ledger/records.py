@@ -1,0 +1,91 @@
+"""The shapes the event store takes and returns: streams, checkpoints and stored events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import NamedTuple
+
+from ledger.events import Event, decode_event
+from ledger.serialization import JsonValue
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A stream's identity: its id and the kind of aggregate it belongs to."""
+
+    id: str
+    type: str
+
+
+class Checkpoint(NamedTuple):
+    """A catch-up reader's position in the gap-safe `(tx_id, position)` order."""
+
+    tx_id: int
+    position: int
+
+
+START = Checkpoint(0, 0)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append wrote: the stream's new version and the events' global positions."""
+
+    version: int
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as stored. The payload is decoded on first access to `event` or `metadata`.
+
+    Readers that route on `type` or `stream_type`, or copy `data_json` out as it is, never pay
+    for decoding payloads they do not use; the type itself is checked when the row is read.
+    """
+
+    position: int
+    stream_id: str
+    stream_type: str
+    version: int
+    type: str
+    schema_version: int
+    occurred_at: datetime
+    recorded_at: datetime
+    tx_id: int
+    data_json: str
+    metadata_json: str
+
+    @cached_property
+    def event(self) -> Event:
+        """The decoded (and, for older schema versions, upcast) event."""
+        data = json.loads(self.data_json)
+        return decode_event(self.type, self.schema_version, data, self.occurred_at)
+
+    @cached_property
+    def metadata(self) -> dict[str, JsonValue]:
+        """The metadata recorded with the event (request id, address, user agent, ...)."""
+        value: dict[str, JsonValue] = json.loads(self.metadata_json)
+        return value
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint a reader stores after applying this event."""
+        return Checkpoint(self.tx_id, self.position)
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    """One event of a bulk import, already in stored form (as an export writes it)."""
+
+    stream_id: str
+    stream_type: str
+    version: int
+    type: str
+    schema_version: int
+    occurred_at: datetime
+    data: Mapping[str, JsonValue]
+    metadata: Mapping[str, JsonValue]
