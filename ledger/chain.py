@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from ledger.serialization import JsonValue, canonical_bytes, format_timestamp
+from ledger.serialization import JsonValue, canonical_json, format_timestamp, json_string
 
 GENESIS = bytes(32)
 
@@ -34,8 +33,8 @@ class Envelope:
         return (
             f'{{"data":{self.data_json},"metadata":{self.metadata_json},'
             f'"occurred_at":"{format_timestamp(self.occurred_at)}",'
-            f'"schema_version":{self.schema_version},"stream_id":{_string(self.stream_id)},'
-            f'"stream_type":{_string(self.stream_type)},"type":{_string(self.type)},'
+            f'"schema_version":{self.schema_version},"stream_id":{json_string(self.stream_id)},'
+            f'"stream_type":{json_string(self.stream_type)},"type":{json_string(self.type)},'
             f'"version":{self.version}}}'
         ).encode()
 
@@ -56,8 +55,8 @@ class Envelope:
         metadata: JsonValue,
     ) -> Envelope:
         """An envelope of plain JSON payloads (as read back from jsonb)."""
-        data_json = canonical_bytes(data).decode("utf-8")
-        metadata_json = canonical_bytes(metadata).decode("utf-8")
+        data_json = canonical_json(data)
+        metadata_json = canonical_json(metadata)
         return cls(
             stream_id,
             stream_type,
@@ -68,10 +67,6 @@ class Envelope:
             data_json,
             metadata_json,
         )
-
-
-def _string(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -39,14 +39,7 @@ class AppendResult:
     positions: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class RecordedEvent:
-    """An event as stored. The payload is decoded on first access to `event` or `metadata`.
-
-    Readers that route on `type` or `stream_type`, or copy `data_json` out as it is, never pay
-    for decoding payloads they do not use; the type itself is checked when the row is read.
-    """
-
+class _StoredRow(NamedTuple):
     position: int
     stream_id: str
     stream_type: str
@@ -58,6 +51,20 @@ class RecordedEvent:
     tx_id: int
     data_json: str
     metadata_json: str
+
+
+class RecordedEvent(_StoredRow):
+    """An event as stored: immutable fields, payload decoded on first access to `event`.
+
+    Readers that route on `type` or `stream_type`, or copy `data_json` out as it is, never pay
+    for decoding payloads they do not use; the type itself is checked when the row is read.
+    A tuple underneath, because readers build one per event and construction bounds throughput.
+    """
+
+    @classmethod
+    def from_row(cls, row: Sequence[object]) -> RecordedEvent:
+        """Build from a row in field order (the store's select list)."""
+        return tuple.__new__(cls, row)
 
     @cached_property
     def event(self) -> Event:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import TypeAlias
 
 from ledger.errors import SerializationError
@@ -37,38 +38,78 @@ def to_json_value(value: object, path: str = "$") -> JsonValue:
     """Convert a value to plain JSON, refusing anything PostgreSQL's jsonb would not keep exactly.
 
     Floats are refused because jsonb normalises their text (and -0.0), which would break the hash
-    chain; strings may not hold NUL, which jsonb cannot store.
+    chain; strings may not hold NUL, which jsonb cannot store. The error names the value's path.
     """
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, str):
-        return _checked_string(value, path)
-    if isinstance(value, datetime):
-        return format_timestamp(value)
-    if isinstance(value, list | tuple):
-        return [to_json_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, Mapping):
-        return {_checked_key(k, path): to_json_value(v, f"{path}.{k}") for k, v in value.items()}
-    raise SerializationError(f"{path}: values of type {type(value).__name__} cannot be stored")
+    try:
+        return _plain(value)
+    except _Refused as e:
+        raise SerializationError(f"{path}{''.join(reversed(e.steps))}: {e.reason}") from None
+
+
+def canonical_json(value: JsonValue) -> str:
+    """Plain JSON as text with sorted keys and no spaces: equal values give equal text."""
+    return _ENCODER.encode(value)
 
 
 def canonical_bytes(value: JsonValue) -> bytes:
-    """Encode plain JSON with sorted keys, no spaces, in UTF-8: equal values give equal bytes."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8")
+    """canonical_json in UTF-8: the bytes that hashes are computed over."""
+    return _ENCODER.encode(value).encode("utf-8")
 
 
-def _checked_string(value: str, path: str) -> str:
+def json_string(value: str) -> str:
+    """A string as canonical_json writes it (a JSON string literal, non-ASCII kept as is)."""
+    return encode_basestring(value)
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Refused(Exception):
+    """A value that cannot be stored; `steps` collects its path from the inside out."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.steps: list[str] = []
+
+
+def _plain(value: object) -> JsonValue:
+    # Paths are only built on the way out of a failure: the common case allocates none.
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        return _checked_string(value)
+    if isinstance(value, Mapping):
+        plain: dict[str, JsonValue] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Refused(f"object keys must be strings, not {type(key).__name__}")
+            name = _checked_string(key)
+            try:
+                plain[name] = _plain(item)
+            except _Refused as e:
+                e.steps.append(f".{key}")
+                raise
+        return plain
+    if isinstance(value, list | tuple):
+        items: list[JsonValue] = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_plain(item))
+            except _Refused as e:
+                e.steps.append(f"[{index}]")
+                raise
+        return items
+    if isinstance(value, datetime):
+        return format_timestamp(value)
+    raise _Refused(f"values of type {type(value).__name__} cannot be stored")
+
+
+def _checked_string(value: str) -> str:
     if "\x00" in value:
-        raise SerializationError(f"{path}: strings may not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise SerializationError(f"{path}: string is not valid Unicode ({e.reason})") from e
+        raise _Refused("strings may not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # lone surrogates cannot be stored
+        except UnicodeEncodeError as e:
+            raise _Refused(f"string is not valid Unicode ({e.reason})") from None
     return value
-
-
-def _checked_key(key: object, path: str) -> str:
-    if not isinstance(key, str):
-        raise SerializationError(f"{path}: object keys must be strings, not {type(key).__name__}")
-    return _checked_string(key, path)

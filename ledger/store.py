@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import psycopg
@@ -16,7 +16,7 @@ from ledger.db import translated_errors
 from ledger.errors import ConcurrencyConflict, InvalidImport, LedgerError
 from ledger.events import Event, event_class, event_data
 from ledger.records import START, AppendResult, Checkpoint, ImportRecord, RecordedEvent, Stream
-from ledger.serialization import canonical_bytes, to_json_value
+from ledger.serialization import canonical_json, to_json_value
 
 __all__ = [
     "START",
@@ -30,10 +30,19 @@ __all__ = [
 
 Connection = psycopg.Connection[TupleRow]
 
-_APPEND = (
-    "SELECT event_position, stream_version FROM ledger_append(%s, %s, %s::integer, %s::text[],"
-    " %s::smallint[], %s::jsonb[], %s::jsonb, %s::timestamptz[], %s::bytea[])"
-)
+# One event: chained to the hash of version `prev`, which must exist (or prev = 0). A stale `prev`
+# fails on the unique (stream_id, version) key; one ahead of the stream inserts no row.
+_APPEND = """
+INSERT INTO events (stream_id, stream_type, version, type, schema_version, data, metadata,
+                    occurred_at, prev_hash, hash)
+SELECT %(stream_id)s, %(stream_type)s, %(prev)s::integer + 1, %(type)s, %(schema_version)s,
+       %(data)s::jsonb, %(metadata)s::jsonb, %(occurred_at)s, head.hash,
+       sha256(head.hash || %(body)s::bytea)
+  FROM (SELECT hash FROM events WHERE stream_id = %(stream_id)s AND version = %(prev)s::integer
+        UNION ALL
+        SELECT %(genesis)s::bytea WHERE %(prev)s::integer = 0) AS head
+RETURNING position
+"""
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %s"
 _HEADS = (
     "SELECT DISTINCT ON (stream_id) stream_id, version, hash FROM events"
@@ -43,9 +52,11 @@ _COPY = (
     "COPY events (stream_id, stream_type, version, type, schema_version, data, metadata,"
     " occurred_at, prev_hash, hash) FROM STDIN"
 )
-_COLUMNS = (  # RecordedEvent's field order
+# RecordedEvent's field order. The cast tx_id is renamed: under its own name it would shadow the
+# column in ORDER BY, which would then sort every row instead of walking events_catch_up_idx.
+_COLUMNS = (
     "position, stream_id, stream_type, version, type, schema_version, occurred_at, recorded_at,"
-    " tx_id::text::bigint, data::text, metadata::text"
+    " tx_id::text::bigint AS tx_number, data::text, metadata::text"
 )
 # _COLUMNS is a constant; every value travels as a parameter.
 _READ_STREAM = (
@@ -54,7 +65,7 @@ _READ_STREAM = (
 # Only rows below the oldest running transaction: nothing can commit behind them later (DESIGN.md).
 _READ_ALL = (
     f"SELECT {_COLUMNS} FROM events"  # noqa: S608
-    " WHERE (tx_id, position) > (%s::text::xid8, %s)"
+    " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
     " AND tx_id < pg_snapshot_xmin(pg_current_snapshot())"
     " ORDER BY tx_id, position LIMIT %s"
 )
@@ -95,14 +106,14 @@ class EventStore:
         params = _append_params(stream, expected_version, events, metadata or {})
         try:
             with self._connection(conn) as tx:
-                rows = _call_append(tx, params)
+                positions = _insert_events(tx, params)
         except _LostRace as lost:
             # The winner committed; its version is only visible outside our failed transaction.
             actual = self.version(stream.id)
             raise ConcurrencyConflict(stream.id, expected_version, actual) from lost.__cause__
-        if rows[0][0] is None:
-            raise ConcurrencyConflict(stream.id, expected_version, int(rows[0][1]))
-        return AppendResult(int(rows[-1][1]), tuple(int(row[0]) for row in rows))
+        if positions is None:
+            raise ConcurrencyConflict(stream.id, expected_version, self.version(stream.id))
+        return AppendResult(expected_version + len(events), positions)
 
     def version(self, stream_id: str) -> int:
         """The stream's current version; 0 when it has no events."""
@@ -158,10 +169,10 @@ class EventStore:
 
     def _read(self, query: str, params: tuple[Any, ...]) -> list[RecordedEvent]:
         with translated_errors(), self._pool.connection() as conn:
-            rows = conn.execute(query, params, prepare=True).fetchall()
+            rows = conn.cursor(binary=True).execute(query, params, prepare=True).fetchall()
         for type_name in {row[4] for row in rows}:
             event_class(type_name)  # an unknown type fails the read, not a later access
-        return [RecordedEvent(*row) for row in rows]
+        return [RecordedEvent.from_row(row) for row in rows]
 
     @contextmanager
     def _connection(self, conn: Connection | None) -> Iterator[Connection]:
@@ -177,45 +188,61 @@ class EventStore:
 
 def _append_params(
     stream: Stream, expected_version: int, events: Sequence[Event], metadata: Mapping[str, object]
-) -> tuple[Any, ...]:
-    meta = to_json_value(metadata, "$metadata")
-    metadata_json = canonical_bytes(meta).decode("utf-8")
-    envelopes = []
-    for version, event in enumerate(events, start=expected_version + 1):
-        data_json = canonical_bytes(event_data(event)).decode("utf-8")  # refuses unknown classes
+) -> list[dict[str, Any]]:
+    metadata_json = canonical_json(to_json_value(metadata, "$metadata"))
+    params = []
+    for prev, event in enumerate(events, start=expected_version):
+        data_json = canonical_json(event_data(event))  # refuses classes that are not registered
         cls = type(event)
-        envelopes.append(
-            Envelope(
-                stream.id,
-                stream.type,
-                version,
-                cls.type_name,
-                cls.schema_version,
-                event.occurred_at,
-                data_json,
-                metadata_json,
-            )
+        envelope = Envelope(
+            stream.id,
+            stream.type,
+            prev + 1,
+            cls.type_name,
+            cls.schema_version,
+            event.occurred_at,
+            data_json,
+            metadata_json,
         )
-    return (
-        stream.id,
-        stream.type,
-        expected_version,
-        [e.type for e in envelopes],
-        [e.schema_version for e in envelopes],
-        [e.data_json for e in envelopes],
-        metadata_json,
-        [e.occurred_at for e in envelopes],
-        [e.body() for e in envelopes],
-    )
+        params.append(
+            {
+                "stream_id": stream.id,
+                "stream_type": stream.type,
+                "prev": prev,
+                "type": envelope.type,
+                "schema_version": envelope.schema_version,
+                "data": envelope.data_json,
+                "metadata": metadata_json,
+                "occurred_at": envelope.occurred_at,
+                "body": envelope.body(),
+                "genesis": GENESIS,
+            }
+        )
+    return params
 
 
-def _call_append(conn: Connection, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+def _insert_events(conn: Connection, params: list[dict[str, Any]]) -> tuple[int, ...] | None:
+    """Insert the events; None when the expected version is ahead of the stream (nothing written).
+
+    Pipelined into one round trip. On an autocommit connection a single event is its own
+    transaction and several get one; otherwise they join the connection's open transaction
+    (psycopg's transaction() would commit it, so it is not used there).
+    """
     try:
-        return conn.execute(_APPEND, params, prepare=True).fetchall()
+        if len(params) == 1:
+            rows = conn.execute(_APPEND, params[0], prepare=True).fetchall()
+        else:
+            with conn.pipeline(), conn.transaction() if conn.autocommit else nullcontext():
+                cursors = [conn.execute(_APPEND, p, prepare=True) for p in params]
+            rows = [row for cursor in cursors for row in cursor.fetchall()]
     except pg_errors.UniqueViolation as e:
         if e.diag.constraint_name != _CONFLICT_CONSTRAINT:
             raise
         raise _LostRace from e
+    if len(rows) < len(params):
+        # Only the first event can miss its predecessor, and then every later one misses too.
+        return None
+    return tuple(int(row[0]) for row in rows)
 
 
 def _chunks(records: Iterable[ImportRecord], size: int) -> Iterator[list[ImportRecord]]:

@@ -109,6 +109,19 @@ def test_unstorable_values_raise_serialization_error(value: object, message: str
         event_data(event)
 
 
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ({"ip": "192.0.2.1", "hops": [1, 2, 0.5]}, "$.hops[2]"),
+        ([{"ok": True}, {"deep": {"x\x00": 1}}], "$[1].deep"),
+    ],
+)
+def test_serialization_error_names_the_path_of_the_bad_value(value: object, path: str) -> None:
+    with pytest.raises(SerializationError) as caught:
+        to_json_value(value)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
 def test_unknown_type_name_raises_typed_error() -> None:
     with pytest.raises(UnknownEventType) as caught:
         decode_event("NoSuchThingHappened", 1, {}, T0)

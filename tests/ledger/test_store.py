@@ -92,6 +92,18 @@ def test_append_to_a_new_stream_needs_expected_version_zero(store: EventStore) -
     assert caught.value.actual == 0
 
 
+@pytest.mark.parametrize("expected", [1, 2, 4])
+def test_a_batch_at_a_wrong_version_writes_nothing(
+    store: EventStore, admin: Admin, expected: int
+) -> None:
+    store.append(session(), 0, [started(), activity(1), activity(2)])
+    with pytest.raises(ConcurrencyConflict) as caught:
+        store.append(session(), expected, [activity(3), activity(4), activity(5)])
+    assert (caught.value.expected, caught.value.actual) == (expected, 3)
+    assert count_events(admin) == 3
+    assert store.append(session(), 3, [activity(3), activity(4)]).version == 5
+
+
 @pytest.mark.parametrize(("expected", "events"), [(-1, [activity()]), (0, [])])
 def test_append_rejects_meaningless_requests(
     store: EventStore, expected: int, events: list[Event]
@@ -124,15 +136,17 @@ def _race(count: int, attempt: Callable[[], object]) -> list[object]:
 
 
 @pytest.mark.slow
-def test_one_of_sixteen_concurrent_appenders_wins(store: EventStore) -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_of_sixteen_concurrent_appenders_wins(store: EventStore, batch: int) -> None:
     store.append(session(), 0, [started()])
-    results = _race(16, lambda: store.append(session(), 1, [activity(1)]))
+    events = [activity(n) for n in range(batch)]
+    results = _race(16, lambda: store.append(session(), 1, events))
     wins = [r for r in results if isinstance(r, AppendResult)]
     conflicts = [r for r in results if isinstance(r, ConcurrencyConflict)]
     assert len(wins) == 1
     assert len(conflicts) == 15
-    assert all((c.expected, c.actual) == (1, 2) for c in conflicts)
-    assert [e.version for e in store.read_stream("session-1")] == [1, 2]
+    assert all((c.expected, c.actual) == (1, 1 + batch) for c in conflicts)
+    assert [e.version for e in store.read_stream("session-1")] == list(range(1, batch + 2))
     assert store.verify() == []
 
 
@@ -156,7 +170,7 @@ def test_retrying_appenders_keep_versions_contiguous(store: EventStore) -> None:
 
 def test_append_joins_the_callers_transaction(store: EventStore, db_url: str, admin: Admin) -> None:
     with psycopg.connect(db_url) as conn:
-        store.append(session(), 0, [started()], conn=conn)
+        store.append(session(), 0, [started(), activity(1)], conn=conn)
         conn.rollback()
     assert count_events(admin) == 0
     with psycopg.connect(db_url) as conn:
