@@ -52,7 +52,70 @@ CREATE OR REPLACE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_reject_change();
 
--- The least-privilege runtime role: INSERT and SELECT on events, nothing else. It is created only
+-- Accounts. Passwords and client secrets are stored only as argon2id hashes.
+CREATE TABLE IF NOT EXISTS users (
+    name          text PRIMARY KEY CHECK (name <> ''),
+    password_hash text        NOT NULL,
+    scopes        text[]      NOT NULL DEFAULT '{}',
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- A client with a secret hash is confidential; one without is public.
+CREATE TABLE IF NOT EXISTS clients (
+    client_id   text PRIMARY KEY CHECK (client_id <> ''),
+    secret_hash text,
+    grants      text[]      NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Access-token signing keys. private_key is PKCS#8 DER, sealed (AES-256-GCM under a key derived
+-- from LEDGER_KEY_ENCRYPTION_KEY) when `sealed`. A retired key stays for verification and the JWKS.
+CREATE TABLE IF NOT EXISTS signing_keys (
+    kid         text PRIMARY KEY,
+    algorithm   text        NOT NULL,
+    private_key bytea       NOT NULL,
+    sealed      boolean     NOT NULL,
+    created_at  timestamptz NOT NULL,
+    retired_at  timestamptz
+);
+
+-- Server-side secrets other than signing keys (the refresh-token MAC key), sealed like them.
+CREATE TABLE IF NOT EXISTS server_secrets (
+    name       text PRIMARY KEY,
+    value      bytea       NOT NULL,
+    sealed     boolean     NOT NULL,
+    created_at timestamptz NOT NULL
+);
+
+-- Inline projection of session streams, written in the same transaction as their events; every
+-- column is a fold of the stream (projections/session.py) and can be rebuilt from it.
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id    text PRIMARY KEY,
+    version       integer     NOT NULL,
+    user_name     text        NOT NULL,
+    client_id     text        NOT NULL,
+    scope         text[]      NOT NULL,
+    started_at    timestamptz NOT NULL,
+    last_activity timestamptz NOT NULL,
+    generation    integer     NOT NULL,
+    rotations     jsonb       NOT NULL,
+    ip            text,
+    user_agent    text,
+    ended_at      timestamptz,
+    end_reason    text
+);
+CREATE INDEX IF NOT EXISTS sessions_user_idx ON sessions (user_name, started_at);
+
+-- Inline projection of principal streams (failed logins and lockouts).
+CREATE TABLE IF NOT EXISTS principals (
+    name            text PRIMARY KEY,
+    version         integer       NOT NULL,
+    recent_failures timestamptz[] NOT NULL,
+    locked_until    timestamptz
+);
+
+-- The least-privilege runtime role: INSERT and SELECT on events and nothing more on it; it
+-- reads accounts and keys and keeps the projections. It is created only
 -- when the connecting user may create roles; otherwise a superuser creates it once (README).
 DO $$
 BEGIN
@@ -69,6 +132,11 @@ BEGIN
         REVOKE ALL ON events FROM session_ledger_runtime;
         GRANT SELECT, INSERT ON events TO session_ledger_runtime;
         GRANT SELECT ON schema_version TO session_ledger_runtime;
+        GRANT SELECT ON users, clients TO session_ledger_runtime;
+        -- The service creates its first key and refresh secret, and retires keys on rotation.
+        GRANT SELECT, INSERT ON signing_keys, server_secrets TO session_ledger_runtime;
+        GRANT UPDATE (retired_at) ON signing_keys TO session_ledger_runtime;
+        GRANT SELECT, INSERT, UPDATE ON sessions, principals TO session_ledger_runtime;
     END IF;
 END
 $$;

@@ -3,26 +3,49 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from argon2 import PasswordHasher
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
+from api import errors
+from api.accounts import PRODUCTION_HASHER, Accounts
+from api.keys import Sealer
+from api.routes import router
+from api.sessions import SessionService
+from api.settings import Settings
+from ledger.clock import Clock, SystemClock
 from ledger.db import open_pool, translated_errors
 from ledger.errors import LedgerError
 
 
-def create_app(database_url: str) -> FastAPI:
+def create_app(
+    settings: Settings,
+    database_url: str,
+    *,
+    clock: Clock | None = None,
+    hasher: PasswordHasher = PRODUCTION_HASHER,
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await run_in_threadpool(open_pool, database_url)
-        app.state.pool = pool
         try:
+            accounts = await run_in_threadpool(Accounts, pool, hasher)
+            sealer = Sealer(settings.key_encryption_key)
+            app.state.pool = pool
+            app.state.settings = settings
+            app.state.accounts = accounts
+            app.state.service = await run_in_threadpool(
+                SessionService, pool, accounts, settings, (clock or SystemClock()).now, sealer
+            )
             yield
         finally:
             await run_in_threadpool(pool.close)
 
     app = FastAPI(title="session-ledger", lifespan=lifespan)
+    errors.install(app)
+    app.include_router(router)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -32,6 +55,14 @@ def create_app(database_url: str) -> FastAPI:
         return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for `uvicorn --factory` workers: settings and database URL from the environment."""
+    settings = Settings.from_env()
+    if settings.database_url is None:
+        raise RuntimeError("workers need LEDGER_DATABASE_URL; `session-ledger serve` sets it")
+    return create_app(settings, settings.database_url)
 
 
 def _database_reachable(pool: ConnectionPool) -> bool:

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import os
+import secrets
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 import uvicorn
 
-from api.app import create_app
+from api.accounts import GRANTS, AccountError, Accounts
+from api.keys import Sealer, rotate_keys
 from api.settings import Settings, SettingsError
 from ledger.db import apply_schema, open_pool
 from ledger.embedded import start_embedded, stop_embedded
@@ -21,6 +26,12 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The database: create the schema, show or stop the embedded server.")
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(help="Users who log in.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+clients_app = typer.Typer(help="OAuth clients.", no_args_is_help=True)
+app.add_typer(clients_app, name="clients")
+keys_app = typer.Typer(help="Access-token signing keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:
@@ -100,9 +111,141 @@ def verify() -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    demo: Annotated[
+        bool, typer.Option(help="Create a demo user and client if absent; print a walk-through.")
+    ] = False,
 ) -> None:
     """Run the HTTP API (on the embedded PostgreSQL unless LEDGER_DATABASE_URL is set)."""
     with _failures_exit_2():
-        url = _database_url(Settings.from_env())
+        settings = Settings.from_env()
+        url = _database_url(settings)
+        if demo:
+            with open_pool(url, max_size=1) as pool:
+                _create_demo_accounts(Accounts(pool))
+            typer.echo(demo_walkthrough(f"http://{host}:{port}"))
+    # Workers are separate processes: they find the database (embedded or not) in the environment.
+    os.environ["LEDGER_DATABASE_URL"] = url
     typer.echo(f"session-ledger listening on http://{host}:{port}", err=True)
-    uvicorn.run(create_app(url), host=host, port=port, log_level="info")
+    uvicorn.run(
+        "api.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", help="A scope the user holds; repeat for more.")
+    ] = None,
+) -> None:
+    """Create a user; the password is prompted for unless --password-stdin is given."""
+    password = _read_secret("password", from_stdin=password_stdin)
+    with _failures_exit_2(), _accounts() as accounts:
+        accounts.add_user(name, password, tuple(scope or ()))
+    typer.echo(f"user {name} created")
+
+
+@clients_app.command("add")
+def clients_add(
+    client_id: Annotated[str, typer.Argument(help="The client id.")],
+    confidential: Annotated[
+        bool, typer.Option("--confidential", help="The client authenticates with a secret.")
+    ] = False,
+    secret_stdin: Annotated[
+        bool, typer.Option("--secret-stdin", help="Read the secret from standard input.")
+    ] = False,
+    grant: Annotated[
+        list[str] | None,
+        typer.Option("--grant", help="A grant type the client may use; repeat for more."),
+    ] = None,
+) -> None:
+    """Create a client. A confidential one without --secret-stdin gets a generated secret,
+    printed once. Grants default to password and refresh_token."""
+    confidential = confidential or secret_stdin
+    generated = confidential and not secret_stdin
+    secret = None
+    if secret_stdin:
+        secret = _read_secret("secret", from_stdin=True)
+    elif generated:
+        secret = secrets.token_urlsafe(32)
+    with _failures_exit_2(), _accounts() as accounts:
+        accounts.add_client(client_id, secret, tuple(grant or GRANTS))
+    kind = "confidential" if confidential else "public"
+    typer.echo(f"{kind} client {client_id} created")
+    if generated:
+        typer.echo(f"client secret (shown once, store it now): {secret}")
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Start signing with a new key; the old one stays in the JWKS until its tokens expire."""
+    with _failures_exit_2():
+        settings = Settings.from_env()
+        url = _database_url(settings)
+        with open_pool(url, max_size=1) as pool:
+            key = rotate_keys(pool, Sealer(settings.key_encryption_key), datetime.now(UTC))
+    typer.echo(f"new signing key {key.kid}; servers pick it up within a minute")
+
+
+@contextmanager
+def _accounts() -> Iterator[Accounts]:
+    url = _database_url(Settings.from_env())
+    with open_pool(url, max_size=1) as pool:
+        try:
+            yield Accounts(pool)
+        except AccountError as e:
+            typer.echo(f"session-ledger: {e}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _read_secret(what: str, *, from_stdin: bool) -> str:
+    if from_stdin:
+        value = sys.stdin.readline().rstrip("\r\n")
+    else:
+        value = typer.prompt(f"{what.capitalize()}", hide_input=True, confirmation_prompt=True)
+    if not value:
+        typer.echo(f"session-ledger: the {what} is empty", err=True)
+        raise typer.Exit(2)
+    return value
+
+
+DEMO_USER, DEMO_PASSWORD, DEMO_CLIENT = "demo", "demo-password", "demo-spa"
+
+
+def _create_demo_accounts(accounts: Accounts) -> None:
+    if accounts.user(DEMO_USER) is None:
+        accounts.add_user(DEMO_USER, DEMO_PASSWORD, ("profile",))
+    if accounts.client(DEMO_CLIENT) is None:
+        accounts.add_client(DEMO_CLIENT, None, GRANTS)
+
+
+def demo_walkthrough(base: str) -> str:
+    """Curl commands that log in, call a protected endpoint, refresh and log out."""
+    return f"""Demo user {DEMO_USER!r} (password {DEMO_PASSWORD!r}), public client {DEMO_CLIENT!r}.
+
+# 1. Log in; keep the tokens:
+curl -s {base}/oauth/token -d grant_type=password -d client_id={DEMO_CLIENT} \\
+     -d username={DEMO_USER} -d password={DEMO_PASSWORD} | tee /tmp/tokens.json
+ACCESS=$(python3 -c 'import json; print(json.load(open("/tmp/tokens.json"))["access_token"])')
+REFRESH=$(python3 -c 'import json; print(json.load(open("/tmp/tokens.json"))["refresh_token"])')
+
+# 2. List your sessions with the access token:
+curl -s {base}/sessions -H "Authorization: Bearer $ACCESS"
+
+# 3. Refresh (rotates the refresh token; the old one is now spent):
+curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
+     -d refresh_token="$REFRESH"
+
+# 4. Replaying the old refresh token now is theft: the session is revoked:
+curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
+     -d refresh_token="$REFRESH"
+"""

@@ -71,7 +71,11 @@ def _percentile(values: list[float], pct: int) -> float:
 
 def _event(n: int) -> RefreshTokenRotated:
     return RefreshTokenRotated(
-        occurred_at=T0 + timedelta(seconds=n), generation=n + 1, refresh_token_hash=f"{n:064x}"
+        occurred_at=T0 + timedelta(seconds=n),
+        generation=n + 1,
+        refresh_token_hash=f"{n:064x}",
+        ip="192.0.2.7",
+        user_agent="Firefox/140.0",
     )
 
 

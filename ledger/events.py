@@ -150,10 +150,16 @@ class SessionStarted(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class RefreshTokenRotated(Event):
-    """A refresh token was exchanged; `generation` is the new current one."""
+    """A refresh token was exchanged; `generation` is the new current one.
+
+    `ip` and `user_agent` are the exchanging request's, kept as evidence should the retired token
+    be presented again.
+    """
 
     generation: int
     refresh_token_hash: str
+    ip: str | None
+    user_agent: str | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +179,7 @@ class RefreshTokenReuseDetected(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class SessionEnded(Event):
-    """The session ended by logout, revocation or expiry; `reason` says which."""
+    """The session ended; `reason` is logout, reuse_detected, idle_timeout or absolute_timeout."""
 
     reason: str
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
@@ -180,8 +181,8 @@ class EventStore:
             if conn is None:
                 with self._pool.connection() as own:
                     yield own
-            elif conn.autocommit:
-                raise ValueError("append(conn=...) needs a connection that is not in autocommit")
+            elif conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+                raise ValueError("append(conn=...) needs a connection in a transaction")
             else:
                 yield conn  # the caller commits or rolls back
 
@@ -224,15 +225,16 @@ def _append_params(
 def _insert_events(conn: Connection, params: list[dict[str, Any]]) -> tuple[int, ...] | None:
     """Insert the events; None when the expected version is ahead of the stream (nothing written).
 
-    Pipelined into one round trip. On an autocommit connection a single event is its own
+    Pipelined into one round trip. On an idle autocommit connection a single event is its own
     transaction and several get one; otherwise they join the connection's open transaction
-    (psycopg's transaction() would commit it, so it is not used there).
+    (psycopg's transaction() would commit one that was begun implicitly).
     """
     try:
         if len(params) == 1:
             rows = conn.execute(_APPEND, params[0], prepare=True).fetchall()
         else:
-            with conn.pipeline(), conn.transaction() if conn.autocommit else nullcontext():
+            own = conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE
+            with conn.pipeline(), conn.transaction() if own else nullcontext():
                 cursors = [conn.execute(_APPEND, p, prepare=True) for p in params]
             rows = [row for cursor in cursors for row in cursor.fetchall()]
     except pg_errors.UniqueViolation as e:

@@ -179,6 +179,25 @@ def test_append_joins_the_callers_transaction(store: EventStore, db_url: str, ad
     assert count_events(admin) == 1
 
 
+def test_append_joins_a_transaction_block_on_an_autocommit_connection(
+    store: EventStore, db_url: str, admin: Admin
+) -> None:
+    def append_then_fail(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        with conn.transaction():
+            store.append(session(), 0, [started(), activity(1)], conn=conn)
+            raise RuntimeError("the caller's work failed")
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        with pytest.raises(RuntimeError):
+            append_then_fail(conn)
+        assert count_events(admin) == 0
+        with pytest.raises(ValueError, match="in a transaction"):
+            store.append(session(), 0, [started()], conn=conn)
+        with conn.transaction():
+            store.append(session(), 0, [started()], conn=conn)
+    assert count_events(admin) == 1
+
+
 def test_unserializable_event_writes_nothing(store: EventStore, admin: Admin) -> None:
     bad = SessionEnded(occurred_at=T0, reason="log\x00out")
     with pytest.raises(SerializationError, match="NUL"):

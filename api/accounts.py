@@ -1,0 +1,128 @@
+"""Users and clients: argon2id-hashed passwords and secrets, registered grants and scopes."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from psycopg_pool import ConnectionPool
+
+from ledger.db import translated_errors
+
+GRANTS = ("password", "refresh_token")
+"""Grant types this server issues tokens for (RFC 6749 names)."""
+
+PRODUCTION_HASHER = PasswordHasher()
+"""argon2id with argon2-cffi's defaults (RFC 9106's second recommended option)."""
+
+_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,64}")  # RFC 6749 §3.3 scope-token
+
+
+class AccountError(ValueError):
+    """A user or client cannot be created as asked (bad name, scope, grant, or it exists)."""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    secret_hash: str | None
+    grants: tuple[str, ...]
+
+    @property
+    def is_confidential(self) -> bool:
+        return self.secret_hash is not None
+
+
+class Accounts:
+    """Reads and verifies users and clients; the CLI creates them."""
+
+    def __init__(self, pool: ConnectionPool, hasher: PasswordHasher = PRODUCTION_HASHER) -> None:
+        self._pool = pool
+        self._hasher = hasher
+        # Verifying against this when the user does not exist costs the same as a real check.
+        self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
+
+    def add_user(self, name: str, password: str, scopes: tuple[str, ...] = ()) -> User:
+        _check_name(name, "user name")
+        if not password:
+            raise AccountError("the password is empty")
+        for scope in scopes:
+            if not _SCOPE.fullmatch(scope):
+                raise AccountError(f"{scope!r} is not a valid scope (RFC 6749 §3.3)")
+        user = User(name, self._hasher.hash(password), tuple(dict.fromkeys(scopes)))
+        self._insert(
+            "INSERT INTO users (name, password_hash, scopes) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (user.name, user.password_hash, list(user.scopes)),
+            f"user {name!r} already exists",
+        )
+        return user
+
+    def add_client(self, client_id: str, secret: str | None, grants: tuple[str, ...]) -> Client:
+        _check_name(client_id, "client id")
+        unknown = [g for g in grants if g not in GRANTS]
+        if unknown or not grants:
+            raise AccountError(f"grants must be some of {', '.join(GRANTS)}; got {grants}")
+        if secret is not None and len(secret) < 16:
+            raise AccountError("a client secret needs at least 16 characters")
+        secret_hash = None if secret is None else self._hasher.hash(secret)
+        client = Client(client_id, secret_hash, tuple(dict.fromkeys(grants)))
+        self._insert(
+            "INSERT INTO clients (client_id, secret_hash, grants) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (client.client_id, client.secret_hash, list(client.grants)),
+            f"client {client_id!r} already exists",
+        )
+        return client
+
+    def user(self, name: str) -> User | None:
+        with translated_errors(), self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT name, password_hash, scopes FROM users WHERE name = %s", (name,)
+            ).fetchone()
+        return None if row is None else User(row[0], row[1], tuple(row[2]))
+
+    def client(self, client_id: str) -> Client | None:
+        with translated_errors(), self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT client_id, secret_hash, grants FROM clients WHERE client_id = %s",
+                (client_id,),
+                prepare=True,
+            ).fetchone()
+        return None if row is None else Client(row[0], row[1], tuple(row[2]))
+
+    def check_password(self, user: User | None, password: str) -> bool:
+        """True when the password is the user's; as slow for an unknown user as for a known one."""
+        return self._verify(user.password_hash if user else self._dummy_hash, password) and (
+            user is not None
+        )
+
+    def check_secret(self, client: Client, secret: str) -> bool:
+        return client.secret_hash is not None and self._verify(client.secret_hash, secret)
+
+    def _verify(self, hash_: str, secret: str) -> bool:
+        try:
+            return self._hasher.verify(hash_, secret)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def _insert(self, query: str, params: tuple[object, ...], exists: str) -> None:
+        with translated_errors(), self._pool.connection() as conn:
+            if conn.execute(query, params).rowcount == 0:
+                raise AccountError(exists)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise AccountError(f"{what} {name!r} must be 1 to 128 letters, digits or . _ @ + -")

@@ -1,0 +1,98 @@
+"""Strict parsing of form-encoded OAuth requests and of client authentication."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import Request
+
+from api.errors import InvalidClient, InvalidRequest
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_FIELD_CHARS = 2048
+MAX_FIELDS = 20
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The request's form fields; anything malformed, repeated or oversized is invalid_request."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FORM_TYPE:
+        raise InvalidRequest(f"the request body must be {FORM_TYPE}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    return parse_form(bytes(body))
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """Parse a form body strictly: UTF-8 only, each field at most once and of bounded length."""
+    try:
+        pairs = parse_qsl(
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("the form is not valid UTF-8 form encoding") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise InvalidRequest(f"parameter {name!r} is repeated")
+        if len(value) > MAX_FIELD_CHARS or len(name) > 64:
+            raise InvalidRequest(f"parameter {name[:64]!r} is too long")
+        form[name] = value
+    return form
+
+
+def required(form: dict[str, str], name: str) -> str:
+    """A parameter that must be present and non-empty."""
+    value = form.get(name, "")
+    if not value:
+        raise InvalidRequest(f"parameter {name!r} is missing")
+    return value
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """What the request claims about its client: the id and, for confidential clients, a secret."""
+
+    client_id: str
+    secret: str | None
+    method: str  # "client_secret_basic", "client_secret_post" or "none"
+
+
+def client_credentials(request: Request, form: dict[str, str]) -> ClientCredentials | None:
+    """The client credentials of the request (RFC 6749 §2.3.1); None when it names no client."""
+    header = request.headers.get("authorization")
+    if header is not None and header[:6].lower() == "basic ":
+        if "client_secret" in form:
+            raise InvalidRequest("use one client authentication method, not two")
+        client_id, secret = _basic(header[6:])
+        if form.get("client_id", client_id) != client_id:
+            raise InvalidRequest("client_id differs from the authenticated client")
+        return ClientCredentials(client_id, secret, "client_secret_basic")
+    posted_id = form.get("client_id")
+    if not posted_id:
+        return None
+    posted_secret = form.get("client_secret")
+    method = "client_secret_post" if posted_secret else "none"
+    return ClientCredentials(posted_id, posted_secret, method)
+
+
+def _basic(encoded: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidClient("malformed Basic credentials") from None
+    client_id, colon, secret = decoded.partition(":")
+    if not colon or not client_id:
+        raise InvalidClient("malformed Basic credentials")
+    # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+    return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))

@@ -1,0 +1,415 @@
+"""The session use cases: load state, decide, append events and the projection row, issue tokens.
+
+Every decision happens in one PostgreSQL transaction that holds the session's (or principal's)
+projection row lock, so any number of workers behave like one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from api.accounts import Accounts, Client
+from api.errors import InvalidGrant, InvalidScope
+from api.keys import KeyRing, Sealer, load_keyring, load_refresh_secret
+from api.settings import Settings
+from api.tokens import (
+    AccessClaims,
+    InvalidToken,
+    issue_access_token,
+    new_session_id,
+    parse_refresh_token,
+    refresh_token,
+    refresh_token_hash,
+    verify_access_token,
+)
+from ledger.db import translated_errors
+from ledger.events import Event
+from ledger.store import EventStore, Stream
+from projections import principal, session
+from projections.inline import (
+    load_principal,
+    load_session,
+    save_principal,
+    save_session,
+    user_sessions,
+)
+from projections.session import Decision, Outcome, SessionState
+
+Connection = psycopg.Connection[TupleRow]
+
+_REFUSALS = {
+    Outcome.ENDED: "the session has ended",
+    Outcome.IDLE_TIMEOUT: "the session expired after inactivity",
+    Outcome.ABSOLUTE_TIMEOUT: "the session reached its maximum lifetime",
+    Outcome.REUSE_DETECTED: "refresh token reuse detected; the session is revoked",
+    Outcome.UNKNOWN_GENERATION: "the refresh token is not valid",
+}
+BAD_LOGIN = "invalid username or password"
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """Who is asking: recorded as event metadata and as evidence."""
+
+    request_id: str
+    ip: str | None
+    user_agent: str | None
+
+    def metadata(self, client_id: str | None = None) -> dict[str, object]:
+        meta: dict[str, object] = {
+            "request_id": self.request_id,
+            "ip": self.ip,
+            "user_agent": self.user_agent,
+        }
+        return meta if client_id is None else {**meta, "client_id": client_id}
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What the token endpoint returns."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    scope: tuple[str, ...]
+
+
+class SessionService:
+    """Login, refresh, activity, logout, revocation and introspection on the ledger."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        accounts: Accounts,
+        settings: Settings,
+        clock: Callable[[], datetime],
+        sealer: Sealer,
+    ) -> None:
+        self._pool = pool
+        self._store = EventStore(pool)
+        self._accounts = accounts
+        self._settings = settings
+        self._policy = settings.policy
+        self.clock = clock
+        self._sealer = sealer
+        self._refresh_secret = load_refresh_secret(pool, sealer, clock())
+        self._keyring = load_keyring(pool, sealer, clock())
+        self._keys_loaded = time.monotonic()
+        self._keys_lock = threading.Lock()
+
+    @property
+    def policy(self) -> session.Policy:
+        return self._policy
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def keyring(self) -> KeyRing:
+        """The signing keys, re-read now and then so that `keys rotate` reaches running servers."""
+        interval = self._settings.key_reload_interval.total_seconds()
+        if time.monotonic() - self._keys_loaded >= interval:
+            with self._keys_lock:
+                if time.monotonic() - self._keys_loaded >= interval:
+                    self._keyring = load_keyring(self._pool, self._sealer, self.clock())
+                    self._keys_loaded = time.monotonic()
+        return self._keyring
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        retention = self._policy.access_token_ttl + self._settings.key_reload_interval
+        return self.keyring().jwks(self.clock(), retention)
+
+    # -- grants -------------------------------------------------------------------------------
+
+    def login(
+        self, username: str, password: str, client: Client, scope: str | None, info: RequestInfo
+    ) -> TokenGrant:
+        now = self.clock()
+        user = self._accounts.user(username)
+        refusal = None
+        with self._transaction() as conn:
+            # The principal row lock makes parallel guesses queue, so none slips past a lockout.
+            state = load_principal(conn, username, for_update=True)
+            if principal.is_locked(state, now):
+                refusal = principal.LOCKED, "too many failed logins; try again later"
+            elif user is None or not self._accounts.check_password(user, password):
+                refusal = "unknown_user" if user is None else "wrong_password", BAD_LOGIN
+            if refusal is not None:
+                self._record_failure(conn, state, refusal[0], info, now)
+        if refusal is not None or user is None:  # the failure is committed before refusing
+            raise InvalidGrant(refusal[1] if refusal else BAD_LOGIN)
+        granted = _granted_scope(user.scopes, scope)
+        session_id = new_session_id()
+        token = refresh_token(self._refresh_secret, session_id, 1)
+        started = session.start(
+            user=user.name,
+            client_id=client.client_id,
+            scope=granted,
+            refresh_token_hash=refresh_token_hash(token),
+            ip=info.ip,
+            user_agent=info.user_agent,
+            now=now,
+        )
+        with self._transaction() as conn:
+            self._store.append(_stream(session_id), 0, [started], info.metadata(), conn=conn)
+            state_after = session.evolve(None, session_id, started)
+            save_session(conn, state_after)
+        return self._grant(state_after, token, now)
+
+    def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
+        now = self.clock()
+        session_id, generation = self._parse_refresh(token)
+        next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
+        with self._transaction() as conn:
+            state = load_session(conn, session_id, for_update=True)
+            if state is None or state.client_id != client.client_id:
+                raise InvalidGrant("the refresh token is not valid")
+            decision = session.decide_refresh(
+                state,
+                generation,
+                next_token_hash=refresh_token_hash(next_token),
+                ip=info.ip,
+                user_agent=info.user_agent,
+                now=now,
+                policy=self._policy,
+            )
+            state = self._apply(conn, state, decision, info)
+        if not decision.is_granted:
+            raise InvalidGrant(_REFUSALS[decision.outcome])
+        current = refresh_token(self._refresh_secret, session_id, state.generation)
+        return self._grant(state, current, now)
+
+    # -- bearer calls ---------------------------------------------------------------------------
+
+    def authenticate(self, access_token: str) -> tuple[AccessClaims, SessionState]:
+        """The token's claims and its session, which must be valid now; else InvalidToken."""
+        now = self.clock()
+        claims = self._verify(access_token, now)
+        with self._connection() as conn:
+            state = load_session(conn, claims.session_id, for_update=False)
+        if state is None or not session.is_valid(state, now, self._policy):
+            raise InvalidToken("the session is no longer active")
+        return claims, state
+
+    def record_activity(self, state: SessionState, info: RequestInfo) -> None:
+        now = self.clock()
+        if now - state.last_activity < self._policy.activity_debounce:
+            return  # debounced without a transaction: the common case stays read-only
+        self._decide(
+            state.session_id, info, lambda s: session.decide_activity(s, now, self._policy)
+        )
+
+    def list_sessions(self, user: str, limit: int = 100) -> list[SessionState]:
+        now = self.clock()
+        with self._connection() as conn:
+            states = user_sessions(conn, user, limit)
+        return [s for s in states if session.is_valid(s, now, self._policy)]
+
+    def end_session(self, user: str, session_id: str, info: RequestInfo) -> bool:
+        """End one of the user's sessions; False when it is not theirs or not active."""
+        now = self.clock()
+        with self._connection() as conn:
+            state = load_session(conn, session_id, for_update=False)
+        if state is None or state.user != user or not session.is_valid(state, now, self._policy):
+            return False
+        decision = self._decide(
+            session_id, info, lambda s: session.decide_end(s, "logout", now, self._policy)
+        )
+        return decision is not None and decision.outcome is Outcome.OK
+
+    def end_all(self, user: str, info: RequestInfo) -> int:
+        ended = 0
+        for state in self.list_sessions(user, limit=1000):
+            ended += self.end_session(user, state.session_id, info)
+        return ended
+
+    # -- revocation and introspection ---------------------------------------------------------
+
+    def revoke(self, token: str, hint: str | None, client: Client, info: RequestInfo) -> None:
+        """RFC 7009: end the token's session; unknown or foreign tokens are ignored."""
+        session_id = self._session_of(token, hint)
+        if session_id is None:
+            return
+        now = self.clock()
+        with self._connection() as conn:
+            state = load_session(conn, session_id, for_update=False)
+        if state is None or state.client_id != client.client_id:
+            return
+        self._decide(session_id, info, lambda s: session.decide_end(s, "logout", now, self._policy))
+
+    def introspect(self, token: str, hint: str | None) -> dict[str, object]:
+        """RFC 7662: the token's claims when it is active, else only `active: false`."""
+        now = self.clock()
+        if hint != "refresh_token":
+            try:
+                claims, _ = self.authenticate(token)
+            except InvalidToken:
+                pass
+            else:
+                return _introspection(claims, "access_token")
+        return self._introspect_refresh(token, now)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _introspect_refresh(self, token: str, now: datetime) -> dict[str, object]:
+        try:
+            session_id, generation = parse_refresh_token(self._refresh_secret, token)
+        except InvalidToken:
+            return {"active": False}
+        with self._connection() as conn:
+            state = load_session(conn, session_id, for_update=False)
+        if state is None or state.generation != generation:
+            return {"active": False}
+        if not session.is_valid(state, now, self._policy):
+            return {"active": False}
+        ends, _ = session.expiry(state, self._policy)
+        return {
+            "active": True,
+            "token_type": "refresh_token",
+            "sub": state.user,
+            "sid": state.session_id,
+            "client_id": state.client_id,
+            "scope": " ".join(state.scope),
+            "iat": int(state.started_at.timestamp()),
+            "exp": int(ends.timestamp()),
+            "iss": self._settings.issuer,
+            "aud": self._settings.audience,
+        }
+
+    def _session_of(self, token: str, hint: str | None) -> str | None:
+        try:
+            return parse_refresh_token(self._refresh_secret, token)[0]
+        except InvalidToken:
+            pass
+        try:
+            return self._verify(token, self.clock()).session_id
+        except InvalidToken:
+            return None
+
+    def _parse_refresh(self, token: str) -> tuple[str, int]:
+        try:
+            return parse_refresh_token(self._refresh_secret, token)
+        except InvalidToken:
+            raise InvalidGrant("the refresh token is not valid") from None
+
+    def _verify(self, token: str, now: datetime) -> AccessClaims:
+        return verify_access_token(
+            self.keyring(),
+            token,
+            issuer=self._settings.issuer,
+            audience=self._settings.audience,
+            now=now,
+        )
+
+    def _decide(
+        self,
+        session_id: str,
+        info: RequestInfo,
+        decide: Callable[[SessionState], Decision],
+    ) -> Decision | None:
+        with self._transaction() as conn:
+            state = load_session(conn, session_id, for_update=True)
+            if state is None:
+                return None
+            decision = decide(state)
+            self._apply(conn, state, decision, info)
+        return decision
+
+    def _apply(
+        self, conn: Connection, state: SessionState, decision: Decision, info: RequestInfo
+    ) -> SessionState:
+        if not decision.events:
+            return state
+        meta = info.metadata(state.client_id)
+        self._store.append(
+            _stream(state.session_id), state.version, decision.events, meta, conn=conn
+        )
+        for event in decision.events:
+            state = session.evolve(state, state.session_id, event)
+        save_session(conn, state)
+        return state
+
+    def _record_failure(
+        self,
+        conn: Connection,
+        state: principal.PrincipalState,
+        reason: str,
+        info: RequestInfo,
+        now: datetime,
+    ) -> None:
+        events: tuple[Event, ...] = principal.decide_failure(
+            state,
+            reason,
+            ip=info.ip,
+            user_agent=info.user_agent,
+            now=now,
+            policy=self._settings.lockout,
+        )
+        stream = Stream(f"principal:{state.name}", "principal")
+        self._store.append(stream, state.version, events, info.metadata(), conn=conn)
+        for event in events:
+            state = principal.evolve(state, event)
+        save_principal(conn, state)
+
+    def _grant(self, state: SessionState, token: str, now: datetime) -> TokenGrant:
+        ttl_end = now + self._policy.access_token_ttl
+        expires_at = min(ttl_end, session.absolute_end_of(state, self._policy))
+        access = issue_access_token(
+            self.keyring(),
+            issuer=self._settings.issuer,
+            audience=self._settings.audience,
+            subject=state.user,
+            session_id=state.session_id,
+            client_id=state.client_id,
+            scope=state.scope,
+            now=now,
+            expires_at=expires_at,
+        )
+        expires_in = max(int((expires_at - now) / timedelta(seconds=1)), 0)
+        return TokenGrant(access, expires_in, token, state.scope)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        with translated_errors(), self._pool.connection() as conn:
+            yield conn
+
+
+def _stream(session_id: str) -> Stream:
+    return Stream(f"session:{session_id}", "session")
+
+
+def _granted_scope(held: tuple[str, ...], requested: str | None) -> tuple[str, ...]:
+    if requested is None or not requested.strip():
+        return held
+    asked = tuple(dict.fromkeys(requested.split()))
+    beyond = [s for s in asked if s not in held]
+    if beyond:
+        raise InvalidScope(f"scope {' '.join(beyond)!r} is not granted to this user")
+    return asked
+
+
+def _introspection(claims: AccessClaims, token_type: str) -> dict[str, object]:
+    return {
+        "active": True,
+        "token_type": token_type,
+        "sub": claims.subject,
+        "sid": claims.session_id,
+        "client_id": claims.client_id,
+        "scope": " ".join(claims.scope),
+        "exp": int(claims.expires_at.timestamp()),
+        "iat": int(claims.issued_at.timestamp()),
+        "iss": claims.issuer,
+        "aud": claims.audience,
+    }

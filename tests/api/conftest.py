@@ -1,0 +1,146 @@
+"""A live API over real HTTP on loopback, on a fresh database, with a clock the test moves."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import requests
+import uvicorn
+from argon2 import PasswordHasher
+from psycopg_pool import ConnectionPool
+
+from api.accounts import Accounts
+from api.app import create_app
+from api.settings import Settings
+from ledger.clock import ManualClock
+from ledger.store import START, EventStore, RecordedEvent
+from projections.session import Policy
+
+# Cheap argon2id parameters keep the suite fast; verification cost follows the stored hash.
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+PASSWORD = "correct horse battery staple"
+SECRET = "s3cret-of-the-backend-client"
+TEST_POLICY = Policy(
+    access_token_ttl=timedelta(minutes=15),
+    idle_timeout=timedelta(minutes=30),
+    absolute_timeout=timedelta(hours=2),
+    refresh_grace=timedelta(seconds=10),
+    activity_debounce=timedelta(seconds=60),
+)
+
+
+@dataclass
+class LiveServer:
+    """A running API: its URL, its clock, its database and an HTTP client pointed at it."""
+
+    url: str
+    clock: ManualClock
+    pool: ConnectionPool
+    http: requests.Session
+    settings: Settings
+    accounts: Accounts
+
+    def events(self, stream_prefix: str = "") -> list[RecordedEvent]:
+        """Every event in the ledger (optionally of streams starting with a prefix)."""
+        store = EventStore(self.pool)
+        events: list[RecordedEvent] = []
+        after = START
+        while batch := store.read_all(after, 1000):
+            events += batch
+            after = batch[-1].checkpoint
+        return [e for e in events if e.stream_id.startswith(stream_prefix)]
+
+    def types(self, stream_prefix: str = "session:") -> list[str]:
+        return [e.type for e in self.events(stream_prefix)]
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.post(self.url + path, timeout=30, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.get(self.url + path, timeout=30, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.delete(self.url + path, timeout=30, **kwargs)
+
+    def login(self, username: str = "ada", **extra: str) -> dict[str, Any]:
+        form = {"grant_type": "password", "username": username, "password": PASSWORD}
+        response = self.post("/oauth/token", data={"client_id": "spa", **form, **extra})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def refresh(self, refresh_token: str, client_id: str = "spa") -> requests.Response:
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        return self.post("/oauth/token", data={"client_id": client_id, **form})
+
+    def bearer(self, access_token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {access_token}"}
+
+
+def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
+    """Run uvicorn on a free loopback port in a thread; return its URL and a stop function."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # readiness, not timing: bounded by the deadline
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture
+def accounts(pool: ConnectionPool) -> Accounts:
+    accounts = Accounts(pool, CHEAP_HASHER)
+    accounts.add_user("ada", PASSWORD, ("profile", "email"))
+    accounts.add_user("bob", PASSWORD, ("profile",))
+    accounts.add_client("spa", None, ("password", "refresh_token"))
+    accounts.add_client("backend", SECRET, ("password", "refresh_token"))
+    accounts.add_client("refresh-only", None, ("refresh_token",))
+    return accounts
+
+
+@pytest.fixture
+def live_factory(
+    db_url: str, pool: ConnectionPool, clock: ManualClock, accounts: Accounts
+) -> Iterator[Callable[..., LiveServer]]:
+    stops: list[Callable[[], None]] = []
+
+    def start(
+        policy: Policy = TEST_POLICY,
+        issuer: str = "https://ledger.test",
+        audience: str = "session-ledger",
+    ) -> LiveServer:
+        settings = Settings(database_url=db_url, issuer=issuer, audience=audience, policy=policy)
+        app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
+        url, stop = serve_in_thread(app)
+        http = requests.Session()
+        stops.append(stop)
+        stops.append(http.close)
+        return LiveServer(url, clock, pool, http, settings, accounts)
+
+    yield start
+    for stop in reversed(stops):
+        stop()
+
+
+@pytest.fixture
+def live(live_factory: Callable[..., LiveServer]) -> LiveServer:
+    return live_factory()

@@ -1,0 +1,130 @@
+"""Races, malformed requests and forged tokens against the live API."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.api.conftest import PASSWORD, LiveServer
+from tests.api.test_oauth import assert_oauth_error
+from tests.api.test_sessions_api import assert_invalid_token, introspect
+
+
+def race_refreshes(url: str, refresh_token: str, count: int) -> list[requests.Response]:
+    form = {"grant_type": "refresh_token", "client_id": "spa", "refresh_token": refresh_token}
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [
+            pool.submit(requests.post, f"{url}/oauth/token", data=form, timeout=60)
+            for _ in range(count)
+        ]
+        return [f.result() for f in futures]
+
+
+def test_twenty_parallel_refreshes_yield_one_successor(live: LiveServer) -> None:
+    tokens = live.login()
+    responses = race_refreshes(live.url, tokens["refresh_token"], 20)
+    successors = {r.json()["refresh_token"] for r in responses if r.status_code == 200}
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(successors) == 1
+    assert all(r.json()["error"] == "invalid_grant" for r in refused)
+    assert live.types().count("RefreshTokenRotated") == 1
+    assert "RefreshTokenReuseDetected" not in live.types()
+    assert live.refresh(successors.pop()).status_code == 200
+
+
+def _form_body(fields: dict[str, str]) -> str:
+    return "&".join(f"{k}={v}" for k, v in fields.items())
+
+
+LOGIN = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (_form_body(LOGIN) + "&username=bob", FORM_HEADERS),  # a repeated field
+        (json.dumps(LOGIN), {"Content-Type": "application/json"}),  # wrong content type
+        (_form_body(LOGIN).encode() + b"&scope=\xff\xfe", FORM_HEADERS),  # not UTF-8
+        (_form_body(LOGIN) + "&scope=%ff", FORM_HEADERS),  # percent-encoded non-UTF-8
+        (_form_body({**LOGIN, "scope": "x" * 1_000_000}), FORM_HEADERS),  # a 1 MB field
+        ("", FORM_HEADERS),  # nothing at all
+        (_form_body({"client_id": "spa"}), FORM_HEADERS),  # no grant_type
+    ],
+)
+def test_malformed_token_requests_are_400_and_append_nothing(
+    live: LiveServer, body: str | bytes, headers: dict[str, str]
+) -> None:
+    response = live.post("/oauth/token", data=body, headers=headers)
+    assert_oauth_error(response, 400, "invalid_request")
+    assert live.events() == []
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _forgeries(live: LiveServer, genuine: str) -> dict[str, str]:
+    header = jwt.get_unverified_header(genuine)
+    claims = jwt.decode(genuine, options={"verify_signature": False})
+    public = live.get("/.well-known/jwks.json").json()["keys"][0]
+    public_raw = base64.urlsafe_b64decode(public["x"] + "==")
+    stranger = Ed25519PrivateKey.generate()
+    head, body, signature = genuine.split(".")
+    now = int(live.clock.now().timestamp())
+    return {
+        "alg none": f"{_b64({**header, 'alg': 'none'})}.{body}.",
+        "HS256 with the public key": jwt.encode(
+            claims, public_raw, algorithm="HS256", headers={"kid": header["kid"], "typ": "at+jwt"}
+        ),
+        "unknown kid": jwt.encode(
+            claims, stranger, algorithm="EdDSA", headers={"kid": "nope", "typ": "at+jwt"}
+        ),
+        "another key under our kid": jwt.encode(
+            claims, stranger, algorithm="EdDSA", headers={"kid": header["kid"], "typ": "at+jwt"}
+        ),
+        "tampered payload": f"{head}.{_b64({**claims, 'sub': 'bob'})}.{signature}",
+        "typ JWT": jwt.encode(
+            claims, stranger, algorithm="EdDSA", headers={"kid": header["kid"], "typ": "JWT"}
+        ),
+        "expired": jwt.encode(
+            {**claims, "exp": now - 1},
+            stranger,
+            algorithm="EdDSA",
+            headers={"kid": header["kid"], "typ": "at+jwt"},
+        ),
+        "public key bytes": stranger.public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+        .hex(),
+    }
+
+
+def test_forged_access_tokens_are_refused(live: LiveServer) -> None:
+    genuine = live.login()["access_token"]
+    assert live.get("/sessions", headers=live.bearer(genuine)).status_code == 200
+    for name, forged in _forgeries(live, genuine).items():
+        response = live.get("/sessions", headers=live.bearer(forged))
+        assert response.status_code == 401, name
+        assert_invalid_token(response)
+        assert introspect(live, forged) == {"active": False}, name
+
+
+@pytest.mark.parametrize(
+    "other", [{"issuer": "https://elsewhere.test"}, {"audience": "another-api"}]
+)
+def test_tokens_for_another_issuer_or_audience_are_refused(
+    live_factory: Callable[..., LiveServer], other: dict[str, str]
+) -> None:
+    foreign = live_factory(**other).login()["access_token"]
+    live = live_factory()
+    # Same database, same signing key: only iss or aud tells them apart.
+    assert_invalid_token(live.get("/sessions", headers=live.bearer(foreign)))
+    assert introspect(live, foreign) == {"active": False}
