@@ -1,0 +1,110 @@
+"""`session-ledger serve` as a real process: several workers, the demo, start-up errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import pytest
+import requests
+from psycopg_pool import ConnectionPool
+
+from api.accounts import Accounts
+from ledger.store import START, EventStore
+from tests.api.conftest import PASSWORD
+from tests.api.test_cli import EXECUTABLE, run
+from tests.api.test_hostile import race_refreshes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serving(*args: str, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run `session-ledger serve` on a free port until it answers /healthz; stop it after."""
+    port = _free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    process = subprocess.Popen(
+        [EXECUTABLE, "serve", "--port", str(port), *args],
+        env={**clean, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its workers form one process group we can stop together
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # readiness, bounded by the deadline
+            if process.poll() is not None:
+                raise AssertionError(f"serve exited early: {process.communicate()[0]}")
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("serve did not answer within 60 s")
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    with suppress(ProcessLookupError):  # the test may have stopped it already
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+@pytest.mark.slow
+def test_two_workers_let_one_of_twenty_parallel_refreshes_rotate(
+    db_url: str, pool: ConnectionPool, accounts: Accounts
+) -> None:
+    with serving("--workers", "2", env={"LEDGER_DATABASE_URL": db_url}) as (url, _):
+        form = {"grant_type": "password", "client_id": "spa", "username": "ada"}
+        login = requests.post(f"{url}/oauth/token", data={**form, "password": PASSWORD}, timeout=30)
+        assert login.status_code == 200, login.text
+        responses = race_refreshes(url, login.json()["refresh_token"], 20)
+    successors = {r.json()["refresh_token"] for r in responses if r.status_code == 200}
+    assert len(successors) == 1
+    assert all(r.json()["error"] == "invalid_grant" for r in responses if r.status_code != 200)
+    types = [e.type for e in EventStore(pool).read_all(START, 1000)]
+    assert types.count("RefreshTokenRotated") == 1
+    assert "RefreshTokenReuseDetected" not in types
+
+
+@pytest.mark.slow
+def test_serve_demo_prints_a_walkthrough_that_works(db_url: str) -> None:
+    with serving("--demo", env={"LEDGER_DATABASE_URL": db_url}) as (url, process):
+        form = {"grant_type": "password", "client_id": "demo-spa", "username": "demo"}
+        login = requests.post(
+            f"{url}/oauth/token", data={**form, "password": "demo-password"}, timeout=30
+        )
+        assert login.status_code == 200, login.text
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert f"curl -s {url}/oauth/token -d grant_type=password -d client_id=demo-spa" in output
+    assert "Authorization: Bearer $ACCESS" in output
+
+
+def test_an_invalid_setting_stops_start_up_naming_it() -> None:
+    result = run("serve", env={"LEDGER_IDLE_TIMEOUT": "ten minutes"})
+    assert result.returncode == 2
+    assert "LEDGER_IDLE_TIMEOUT" in result.stderr
+    assert "Traceback" not in result.stderr
