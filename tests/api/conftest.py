@@ -127,8 +127,15 @@ def live_factory(
         policy: Policy = TEST_POLICY,
         issuer: str = "https://ledger.test",
         audience: str = "session-ledger",
+        key_reload_interval: timedelta = timedelta(seconds=60),
     ) -> LiveServer:
-        settings = Settings(database_url=db_url, issuer=issuer, audience=audience, policy=policy)
+        settings = Settings(
+            database_url=db_url,
+            issuer=issuer,
+            audience=audience,
+            policy=policy,
+            key_reload_interval=key_reload_interval,
+        )
         app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
         url, stop = serve_in_thread(app)
         http = requests.Session()

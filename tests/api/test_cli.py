@@ -12,7 +12,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
+from api.accounts import Accounts
 from ledger.events import ActivityRecorded, SessionEnded
 from ledger.store import EventStore, Stream
 
@@ -103,3 +105,80 @@ def test_db_url_starts_the_embedded_server_and_reports_a_working_url(embedded_di
     assert stopped.stdout.strip() == "stopped"
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=2).close()
+
+
+def test_users_add_reads_the_password_from_stdin(db_url: str, pool: ConnectionPool) -> None:
+    result = run(
+        "users", "add", "ada", "--password-stdin", "--scope", "profile", "--scope", "email",
+        env={"LEDGER_DATABASE_URL": db_url}, stdin="a long passphrase\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "a long passphrase" not in result.stdout + result.stderr
+    accounts = Accounts(pool)
+    user = accounts.user("ada")
+    assert user is not None
+    assert user.scopes == ("profile", "email")
+    assert user.password_hash.startswith("$argon2id$")
+    assert accounts.check_password(user, "a long passphrase")
+    again = run("users", "add", "ada", "--password-stdin", env={"LEDGER_DATABASE_URL": db_url},
+                stdin="other password\n")  # fmt: skip
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
+
+
+def test_confidential_client_gets_a_secret_printed_once(db_url: str, pool: ConnectionPool) -> None:
+    result = run(
+        "clients", "add", "backend", "--confidential", "--grant", "password",
+        env={"LEDGER_DATABASE_URL": db_url},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    secret = result.stdout.split("store it now): ")[1].strip()
+    client = Accounts(pool).client("backend")
+    assert client is not None
+    assert client.grants == ("password",)
+    assert Accounts(pool).check_secret(client, secret)
+    assert secret not in (client.secret_hash or "")
+
+
+def test_public_client_and_secret_from_stdin(db_url: str, pool: ConnectionPool) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    assert run("clients", "add", "spa", env=env).returncode == 0
+    spa = Accounts(pool).client("spa")
+    assert spa is not None
+    assert (spa.is_confidential, spa.grants) == (False, ("password", "refresh_token"))
+    piped = run("clients", "add", "api", "--secret-stdin", env=env, stdin="0123456789abcdef-x\n")
+    assert piped.returncode == 0, piped.stderr
+    assert "0123456789abcdef-x" not in piped.stdout
+    api = Accounts(pool).client("api")
+    assert api is not None
+    assert Accounts(pool).check_secret(api, "0123456789abcdef-x")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("clients", "add", "spa", "--grant", "implicit"), "grants must be some of"),
+        (("users", "add", "bad name", "--password-stdin"), "must be 1 to 128"),
+        (("users", "add", "ada", "--password-stdin", "--scope", 'a"b'), "not a valid scope"),
+    ],
+)
+def test_bad_account_input_is_refused_clearly(
+    db_url: str, args: tuple[str, ...], message: str
+) -> None:
+    result = run(*args, env={"LEDGER_DATABASE_URL": db_url}, stdin="password\n")
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_keys_rotate_adds_a_current_key(db_url: str, pool: ConnectionPool) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    first = run("keys", "rotate", env=env)
+    second = run("keys", "rotate", env=env)
+    assert first.returncode == 0, first.stderr
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT kid, retired_at IS NULL FROM signing_keys ORDER BY created_at"
+        ).fetchall()
+    assert [current for _, current in rows] == [False, True]
+    assert rows[-1][0] in second.stdout

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
+import jwt
 import requests
 
+from api.keys import Sealer, rotate_keys
+from projections.session import Policy
 from tests.api.conftest import SECRET, LiveServer
 from tests.api.test_oauth import assert_oauth_error
 
@@ -62,11 +66,9 @@ def test_introspection_says_inactive_once_the_session_is_revoked(live: LiveServe
 
 
 def test_introspection_says_inactive_for_an_idle_session_with_a_live_jwt(
-    live_factory: object,
+    live_factory: Callable[..., LiveServer],
 ) -> None:
-    from projections.session import Policy
-
-    live = live_factory(Policy(idle_timeout=timedelta(minutes=5)))  # type: ignore[operator]
+    live = live_factory(Policy(idle_timeout=timedelta(minutes=5)))
     tokens = live.login()
     live.clock.advance(timedelta(minutes=5))  # the access token (15 min) is still unexpired
     assert introspect(live, tokens["access_token"]) == {"active": False}
@@ -177,3 +179,21 @@ def test_bearer_endpoints_refuse_missing_and_bad_tokens(live: LiveServer) -> Non
 def test_healthz(live: LiveServer) -> None:
     response = live.get("/healthz")
     assert (response.status_code, response.json()["database"]) == (200, True)
+
+
+def test_rotated_keys_sign_new_tokens_while_old_tokens_still_verify(
+    live_factory: Callable[..., LiveServer],
+) -> None:
+    live = live_factory(key_reload_interval=timedelta(0))
+    old = live.login()["access_token"]
+    rotate_keys(live.pool, Sealer(None), live.clock.now())
+    new = live.login()["access_token"]
+    old_kid, new_kid = jwt.get_unverified_header(old)["kid"], jwt.get_unverified_header(new)["kid"]
+    assert old_kid != new_kid
+    kids = {k["kid"] for k in live.get("/.well-known/jwks.json").json()["keys"]}
+    assert kids == {old_kid, new_kid}
+    for token in (old, new):
+        assert live.get("/sessions", headers=live.bearer(token)).status_code == 200
+    live.clock.advance(timedelta(minutes=15, seconds=1))  # every token of the old key expired
+    kids = {k["kid"] for k in live.get("/.well-known/jwks.json").json()["keys"]}
+    assert kids == {new_kid}

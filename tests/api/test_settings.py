@@ -1,0 +1,91 @@
+"""Settings from the environment: defaults, durations, and errors that name the variable."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from api.settings import Settings, SettingsError, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90", timedelta(seconds=90)),
+        ("90s", timedelta(seconds=90)),
+        ("15m", timedelta(minutes=15)),
+        ("8h", timedelta(hours=8)),
+        ("2d", timedelta(days=2)),
+        (" 10s ", timedelta(seconds=10)),
+    ],
+)
+def test_durations_are_seconds_or_carry_a_unit(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "1.5m", "-5s", "15 m", "15min", "m", "1e3"])
+def test_malformed_durations_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_defaults_follow_the_design() -> None:
+    settings = Settings.from_env({})
+    policy = settings.policy
+    assert settings.database_url is None
+    assert policy.access_token_ttl == timedelta(minutes=15)
+    assert policy.idle_timeout == timedelta(minutes=60)
+    assert policy.absolute_timeout == timedelta(hours=8)
+    assert policy.refresh_grace == timedelta(seconds=10)
+    assert policy.activity_debounce == timedelta(seconds=60)
+    assert policy.refresh_counts_as_activity is True
+    assert (settings.lockout.max_failures, settings.lockout.window) == (5, timedelta(minutes=15))
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env(
+        {
+            "LEDGER_DATABASE_URL": "postgresql://ledger@db/ledger",
+            "LEDGER_ISSUER": "https://auth.example.com/",
+            "LEDGER_AUDIENCE": "api.example.com",
+            "LEDGER_ACCESS_TOKEN_TTL": "5m",
+            "LEDGER_IDLE_TIMEOUT": "30m",
+            "LEDGER_ABSOLUTE_TIMEOUT": "12h",
+            "LEDGER_REFRESH_GRACE": "0",
+            "LEDGER_ACTIVITY_DEBOUNCE": "30s",
+            "LEDGER_REFRESH_COUNTS_AS_ACTIVITY": "false",
+            "LEDGER_LOGIN_MAX_FAILURES": "3",
+            "LEDGER_LOGIN_FAILURE_WINDOW": "1h",
+            "LEDGER_KEY_ENCRYPTION_KEY": "a passphrase",
+        }
+    )
+    assert settings.issuer == "https://auth.example.com"
+    assert settings.audience == "api.example.com"
+    assert settings.policy.access_token_ttl == timedelta(minutes=5)
+    assert settings.policy.idle_timeout == timedelta(minutes=30)
+    assert settings.policy.absolute_timeout == timedelta(hours=12)
+    assert settings.policy.refresh_grace == timedelta(0)
+    assert settings.policy.activity_debounce == timedelta(seconds=30)
+    assert settings.policy.refresh_counts_as_activity is False
+    assert (settings.lockout.max_failures, settings.lockout.window) == (3, timedelta(hours=1))
+    assert settings.key_encryption_key == "a passphrase"
+    assert "a passphrase" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LEDGER_IDLE_TIMEOUT", "ten minutes"),
+        ("LEDGER_ACCESS_TOKEN_TTL", "0"),
+        ("LEDGER_ABSOLUTE_TIMEOUT", ""),
+        ("LEDGER_LOGIN_MAX_FAILURES", "0"),
+        ("LEDGER_LOGIN_MAX_FAILURES", "100"),
+        ("LEDGER_REFRESH_COUNTS_AS_ACTIVITY", "maybe"),
+        ("LEDGER_ISSUER", "auth.example.com"),
+        ("LEDGER_ISSUER", "https://auth.example.com/?x=1"),
+    ],
+)
+def test_an_invalid_value_names_its_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
