@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,6 +127,10 @@ def serve(
             typer.echo(demo_walkthrough(f"http://{host}:{port}"))
     # Workers are separate processes: they find the database (embedded or not) in the environment.
     os.environ["LEDGER_DATABASE_URL"] = url
+    os.environ.setdefault("LEDGER_ISSUER", f"http://{host}:{port}")
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill this process before
+    # the embedded PostgreSQL is stopped at exit; exiting normally lets that happen.
+    signal.signal(signal.SIGTERM, _exit_normally)
     typer.echo(f"session-ledger listening on http://{host}:{port}", err=True)
     uvicorn.run(
         "api.app:app_from_env",
@@ -135,6 +140,10 @@ def serve(
         workers=workers,
         log_level="info",
     )
+
+
+def _exit_normally(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @users_app.command("add")

@@ -9,12 +9,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import pytest
 import requests
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
+from ledger.embedded import is_embedded_running
 from ledger.store import START, EventStore
 from tests.api.conftest import PASSWORD
 from tests.api.test_cli import EXECUTABLE, run
@@ -108,3 +110,15 @@ def test_an_invalid_setting_stops_start_up_naming_it() -> None:
     assert result.returncode == 2
     assert "LEDGER_IDLE_TIMEOUT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_on_the_embedded_default_stops_its_server_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pgdata"
+    with serving(env={"LEDGER_DATA_DIR": str(data_dir)}) as (url, process):
+        metadata = requests.get(f"{url}/.well-known/oauth-authorization-server", timeout=30)
+        assert metadata.json()["issuer"] == url  # LEDGER_ISSUER defaults to where it listens
+        assert is_embedded_running(data_dir)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert not is_embedded_running(data_dir)
