@@ -39,6 +39,8 @@ _USER_SESSIONS = (
 _LOAD_PRINCIPAL = (
     "SELECT name, version, recent_failures, locked_until FROM principals WHERE name = %s"
 )
+# Two-key form: the first key keeps these locks apart from the schema's and the signing keys'.
+_LOCK_PRINCIPAL = "SELECT pg_advisory_xact_lock(7261002, hashtext(%s))"
 _SAVE_PRINCIPAL = """
 INSERT INTO principals (name, version, recent_failures, locked_until) VALUES (%s, %s, %s, %s)
 ON CONFLICT (name) DO UPDATE SET
@@ -89,9 +91,14 @@ def user_sessions(conn: Connection, user: str, limit: int) -> list[SessionState]
 
 
 def load_principal(conn: Connection, name: str, *, for_update: bool) -> PrincipalState:
-    """The principal's projected state (empty when it never failed a login)."""
-    query = _LOAD_PRINCIPAL + (" FOR UPDATE" if for_update else "")
-    row = conn.execute(query, (name,), prepare=True).fetchone()
+    """The principal's projected state (empty when it never failed a login).
+
+    With `for_update`, the name is locked until the transaction ends, whether or not it has a row
+    yet: a row lock alone would let two first failures of a new name race.
+    """
+    if for_update:
+        conn.execute(_LOCK_PRINCIPAL, (name,), prepare=True)
+    row = conn.execute(_LOAD_PRINCIPAL, (name,), prepare=True).fetchone()
     if row is None:
         return PrincipalState(name=name)
     return PrincipalState(

@@ -13,6 +13,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from api.accounts import Accounts
 from tests.api.conftest import PASSWORD, LiveServer
 from tests.api.test_oauth import assert_oauth_error
 from tests.api.test_sessions_api import assert_invalid_token, introspect
@@ -128,3 +129,22 @@ def test_tokens_for_another_issuer_or_audience_are_refused(
     # Same database, same signing key: only iss or aud tells them apart.
     assert_invalid_token(live.get("/sessions", headers=live.bearer(foreign)))
     assert introspect(live, foreign) == {"active": False}
+
+
+def test_parallel_failed_logins_of_a_new_name_queue_and_lock_it(live: LiveServer) -> None:
+    # A production-cost hash keeps every attempt's transaction open long enough to overlap.
+    Accounts(live.pool).add_user("eve", "the real password")
+    form = {"grant_type": "password", "client_id": "spa", "username": "eve", "password": "guess"}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [
+            pool.submit(requests.post, f"{live.url}/oauth/token", data=form, timeout=60)
+            for _ in range(8)
+        ]
+        responses = [f.result() for f in futures]
+    assert {r.status_code for r in responses} == {400}
+    assert {r.json()["error"] for r in responses} == {"invalid_grant"}
+    events = live.events("principal:eve")
+    assert [e.version for e in events] == list(range(1, len(events) + 1))
+    types = [e.type for e in events]
+    assert types.count("LoginFailed") == 8
+    assert types.count("PrincipalLocked") == 1
