@@ -114,6 +114,79 @@ CREATE TABLE IF NOT EXISTS principals (
     locked_until    timestamptz
 );
 
+-- Catch-up projections: each one's position in the gap-safe (tx_id, position) order, written in
+-- the same transaction as the rows it produced.
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    name       text PRIMARY KEY,
+    tx_id      bigint      NOT NULL,
+    position   bigint      NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Per user name: sessions and failed logins (projections/summaries.py).
+CREATE TABLE IF NOT EXISTS user_summary (
+    user_name        text PRIMARY KEY,
+    sessions_started integer NOT NULL,
+    open_sessions    integer NOT NULL,  -- started and not ended by a recorded event
+    last_login       timestamptz,
+    failures         integer NOT NULL,
+    last_failure     timestamptz,
+    locked_until     timestamptz
+);
+
+-- Per hour of occurred_at (UTC), for analysts; session_seconds holds the lengths of the sessions
+-- that ended in the hour (hourly_report turns them into percentiles).
+CREATE TABLE IF NOT EXISTS hourly_stats (
+    hour              timestamptz PRIMARY KEY,
+    logins            integer   NOT NULL,
+    login_failures    integer   NOT NULL,
+    refreshes         integer   NOT NULL,
+    reuse_detections  integer   NOT NULL,
+    revocations       integer   NOT NULL,
+    idle_expiries     integer   NOT NULL,
+    absolute_expiries integer   NOT NULL,
+    session_seconds   integer[] NOT NULL
+);
+CREATE OR REPLACE VIEW hourly_report AS
+SELECT hour, logins, login_failures, refreshes, reuse_detections, revocations, idle_expiries,
+       absolute_expiries, cardinality(session_seconds) AS sessions_ended,
+       (SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY s) FROM unnest(session_seconds) s)
+           AS session_seconds_p50,
+       (SELECT percentile_disc(0.9) WITHIN GROUP (ORDER BY s) FROM unnest(session_seconds) s)
+           AS session_seconds_p90,
+       (SELECT percentile_disc(0.99) WITHIN GROUP (ORDER BY s) FROM unnest(session_seconds) s)
+           AS session_seconds_p99
+  FROM hourly_stats;
+
+-- Security alerts, one per raising event; address_failures tracks failed logins per address.
+CREATE TABLE IF NOT EXISTS alerts (
+    position    bigint PRIMARY KEY,
+    kind        text        NOT NULL,
+    occurred_at timestamptz NOT NULL,
+    user_name   text,
+    session_id  text,
+    ip          text,
+    details     jsonb       NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_time_idx ON alerts (occurred_at);
+CREATE TABLE IF NOT EXISTS address_failures (
+    ip            text PRIMARY KEY,
+    recent        timestamptz[] NOT NULL,
+    alerted_until timestamptz
+);
+
+-- Wakes catch-up runners (LISTEN ledger_events); they also poll, so a lost wake-up only delays.
+CREATE OR REPLACE FUNCTION events_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('ledger_events', '');
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER events_notify
+    AFTER INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
+
 -- The least-privilege runtime role: INSERT and SELECT on events and nothing more on it; it
 -- reads accounts and keys and keeps the projections. It is created only
 -- when the connecting user may create roles; otherwise a superuser creates it once (README).
@@ -137,6 +210,9 @@ BEGIN
         GRANT SELECT, INSERT ON signing_keys, server_secrets TO session_ledger_runtime;
         GRANT UPDATE (retired_at) ON signing_keys TO session_ledger_runtime;
         GRANT SELECT, INSERT, UPDATE ON sessions, principals TO session_ledger_runtime;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON projection_checkpoints, user_summary,
+            hourly_stats, alerts, address_failures TO session_ledger_runtime;
+        GRANT SELECT ON hourly_report TO session_ledger_runtime;
     END IF;
 END
 $$;

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,8 +10,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
-from api import errors
+from api import audit, errors, metrics
 from api.accounts import PRODUCTION_HASHER, Accounts
+from api.browser import router as browser_router
 from api.keys import Sealer
 from api.routes import router
 from api.sessions import SessionService
@@ -18,6 +20,7 @@ from api.settings import Settings
 from ledger.clock import Clock, SystemClock
 from ledger.db import open_pool, translated_errors
 from ledger.errors import LedgerError
+from projections.runner import Runner
 
 
 def create_app(
@@ -30,6 +33,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await run_in_threadpool(open_pool, database_url)
+        runner: Runner | None = None
         try:
             accounts = await run_in_threadpool(Accounts, pool, hasher)
             sealer = Sealer(settings.key_encryption_key)
@@ -39,13 +43,22 @@ def create_app(
             app.state.service = await run_in_threadpool(
                 SessionService, pool, accounts, settings, (clock or SystemClock()).now, sealer
             )
+            app.state.latency = latency
+            runner = _start_runner(database_url, pool) if settings.run_projections else None
             yield
         finally:
+            if runner is not None:
+                await run_in_threadpool(runner.stop)
             await run_in_threadpool(pool.close)
 
     app = FastAPI(title="session-ledger", lifespan=lifespan)
+    latency = metrics.Latency()
     errors.install(app)
+    metrics.install(app, latency)
     app.include_router(router)
+    app.include_router(audit.router)
+    app.include_router(metrics.router)
+    app.include_router(browser_router)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -63,6 +76,14 @@ def app_from_env() -> FastAPI:
     if settings.database_url is None:
         raise RuntimeError("workers need LEDGER_DATABASE_URL; `session-ledger serve` sets it")
     return create_app(settings, settings.database_url)
+
+
+def _start_runner(url: str, pool: ConnectionPool) -> Runner:
+    """Keep the catch-up projections current from this process (one runner per projection is
+    active across all processes; the others stand by)."""
+    runner = Runner(url, pool)
+    threading.Thread(target=runner.run, name="projection-runner", daemon=True).start()
+    return runner
 
 
 def _database_reachable(pool: ConnectionPool) -> bool:

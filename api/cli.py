@@ -7,17 +7,24 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
 
 from api.accounts import GRANTS, AccountError, Accounts
+from api.cli_support import database_url as _database_url
+from api.cli_support import failures_exit_2 as _failures_exit_2
+from api.cli_support import parse_time
+from api.history_cli import history
 from api.keys import Sealer, rotate_keys
-from api.settings import Settings, SettingsError
-from ledger.db import apply_schema, open_pool
-from ledger.embedded import start_embedded, stop_embedded
-from ledger.errors import LedgerError
+from api.progress import ProgressBar
+from api.settings import Settings
+from ledger.db import open_pool
+from ledger.embedded import stop_embedded
+from ledger.errors import InvalidImport, SerializationError
+from ledger.export import ExportFilter, ExportFormat, export_events, import_jsonl
 from ledger.store import EventStore
 
 app = typer.Typer(
@@ -39,23 +46,7 @@ def main() -> None:
     app()
 
 
-@contextmanager
-def _failures_exit_2() -> Iterator[None]:
-    """Report configuration and database failures as one line on stderr, exit status 2."""
-    try:
-        yield
-    except (SettingsError, LedgerError) as e:
-        typer.echo(f"session-ledger: {e}", err=True)
-        raise typer.Exit(2) from None
-
-
-def _database_url(settings: Settings, *, keep_embedded_running: bool = False) -> str:
-    """LEDGER_DATABASE_URL or the embedded server's URL (started if needed); schema applied."""
-    url = settings.database_url or start_embedded(
-        settings.data_dir, keep_running=keep_embedded_running
-    )
-    apply_schema(url)
-    return url
+app.add_typer(history)
 
 
 @db_app.command("init")
@@ -109,6 +100,75 @@ def verify() -> None:
 
 
 @app.command()
+def export(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="The file to write.")
+    ],
+    format_: Annotated[ExportFormat, typer.Option("--format", help="The file format.")],
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=parse_time,
+            metavar="TIME",
+            help="Only events that occurred at or after TIME (ISO 8601; naive means UTC).",
+        ),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=parse_time, metavar="TIME", help="Only events that occurred before TIME."
+        ),
+    ] = None,
+    type_: Annotated[
+        list[str] | None,
+        typer.Option("--type", metavar="TYPE", help="Only events of this type; repeat for more."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite FILE if it exists.")] = False,
+) -> None:
+    """Write the events to a JSONL, CSV or Parquet file, from one consistent snapshot."""
+    if output.exists() and not force:
+        typer.echo(f"session-ledger: {output} exists; pass --force to overwrite it", err=True)
+        raise typer.Exit(1)
+    where = ExportFilter(since, until, tuple(type_ or ()))
+    with _failures_exit_2():
+        url = _database_url(Settings.from_env())
+        with open_pool(url, max_size=1) as pool:
+            bar = ProgressBar("export")
+            try:
+                count = export_events(pool, output, format_, where, progress=bar, overwrite=force)
+            except OSError as e:
+                typer.echo(f"session-ledger: cannot write {output}: {e}", err=True)
+                raise typer.Exit(1) from None
+            finally:
+                bar.finish()
+    typer.echo(f"exported {count} events to {output}")
+
+
+@app.command("import")
+def import_(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A JSONL file written by export.", exists=True, dir_okay=False
+        ),
+    ],
+    append: Annotated[
+        bool, typer.Option("--append", help="Import into a ledger that already holds events.")
+    ] = False,
+) -> None:
+    """Load an exported JSONL file, keeping versions and hash chains; writes nothing on failure."""
+    with _failures_exit_2():
+        url = _database_url(Settings.from_env())
+        with open_pool(url, max_size=1) as pool:
+            try:
+                count = import_jsonl(pool, file, append=append)
+            except (InvalidImport, SerializationError) as e:
+                typer.echo(f"session-ledger: {file}: {e}; nothing was imported", err=True)
+                raise typer.Exit(1) from None
+    typer.echo(f"imported {count} events from {file}")
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -128,6 +188,11 @@ def serve(
     # Workers are separate processes: they find the database (embedded or not) in the environment.
     os.environ["LEDGER_DATABASE_URL"] = url
     os.environ.setdefault("LEDGER_ISSUER", f"http://{host}:{port}")
+    if demo:
+        # The demo page is served from where we listen, so its origin may use the browser mode.
+        os.environ["LEDGER_DEMO"] = "1"
+        os.environ.setdefault("LEDGER_ALLOWED_ORIGINS", f"http://{_url_host(host)}:{port}")
+        typer.echo(f"demo page: http://{_url_host(host)}:{port}/demo", err=True)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill this process before
     # the embedded PostgreSQL is stopped at exit; exiting normally lets that happen.
     signal.signal(signal.SIGTERM, _exit_normally)
@@ -138,8 +203,13 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        http="api.transport:NoDelayH11Protocol",
         log_level="info",
     )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _exit_normally(signum: int, frame: object) -> None:

@@ -36,6 +36,8 @@ from ledger.events import Event
 from ledger.store import EventStore, Stream
 from projections import principal, session
 from projections.inline import (
+    PRINCIPAL_PREFIX,
+    SESSION_PREFIX,
     load_principal,
     load_session,
     save_principal,
@@ -81,6 +83,7 @@ class TokenGrant:
     expires_in: int
     refresh_token: str
     scope: tuple[str, ...]
+    session_expires_in: int  # seconds to the absolute end: the browser refresh cookie's Max-Age
 
 
 class SessionService:
@@ -131,12 +134,12 @@ class SessionService:
     def login(
         self, username: str, password: str, client: Client, scope: str | None, info: RequestInfo
     ) -> TokenGrant:
-        now = self.clock()
         user = self._accounts.user(username)
         refusal = None
         with self._transaction() as conn:
             # The principal row lock makes parallel guesses queue, so none slips past a lockout.
             state = load_principal(conn, username, for_update=True)
+            now = self.clock()  # read under the lock, so the principal's events stay in order
             if principal.is_locked(state, now):
                 refusal = principal.LOCKED, "too many failed logins; try again later"
             elif user is None or not self._accounts.check_password(user, password):
@@ -164,13 +167,13 @@ class SessionService:
         return self._grant(state_after, token, now)
 
     def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
-        now = self.clock()
         session_id, generation = self._parse_refresh(token)
         next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
         with self._transaction() as conn:
             state = load_session(conn, session_id, for_update=True)
             if state is None or state.client_id != client.client_id:
                 raise InvalidGrant("the refresh token is not valid")
+            now = self._now(state)
             decision = session.decide_refresh(
                 state,
                 generation,
@@ -182,7 +185,7 @@ class SessionService:
             )
             state = self._apply(conn, state, decision, info)
         if not decision.is_granted:
-            raise InvalidGrant(_REFUSALS[decision.outcome])
+            raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
         current = refresh_token(self._refresh_secret, session_id, state.generation)
         return self._grant(state, current, now)
 
@@ -203,7 +206,7 @@ class SessionService:
         if now - state.last_activity < self._policy.activity_debounce:
             return  # debounced without a transaction: the common case stays read-only
         self._decide(
-            state.session_id, info, lambda s: session.decide_activity(s, now, self._policy)
+            state.session_id, info, lambda s, at: session.decide_activity(s, at, self._policy)
         )
 
     def list_sessions(self, user: str, limit: int = 100) -> list[SessionState]:
@@ -220,7 +223,7 @@ class SessionService:
         if state is None or state.user != user or not session.is_valid(state, now, self._policy):
             return False
         decision = self._decide(
-            session_id, info, lambda s: session.decide_end(s, "logout", now, self._policy)
+            session_id, info, lambda s, at: session.decide_end(s, "logout", at, self._policy)
         )
         return decision is not None and decision.outcome is Outcome.OK
 
@@ -237,12 +240,13 @@ class SessionService:
         session_id = self._session_of(token, hint)
         if session_id is None:
             return
-        now = self.clock()
         with self._connection() as conn:
             state = load_session(conn, session_id, for_update=False)
         if state is None or state.client_id != client.client_id:
             return
-        self._decide(session_id, info, lambda s: session.decide_end(s, "logout", now, self._policy))
+        self._decide(
+            session_id, info, lambda s, at: session.decide_end(s, "logout", at, self._policy)
+        )
 
     def introspect(self, token: str, hint: str | None) -> dict[str, object]:
         """RFC 7662: the token's claims when it is active, else only `active: false`."""
@@ -312,15 +316,21 @@ class SessionService:
         self,
         session_id: str,
         info: RequestInfo,
-        decide: Callable[[SessionState], Decision],
+        decide: Callable[[SessionState, datetime], Decision],
     ) -> Decision | None:
         with self._transaction() as conn:
             state = load_session(conn, session_id, for_update=True)
             if state is None:
                 return None
-            decision = decide(state)
+            decision = decide(state, self._now(state))
             self._apply(conn, state, decision, info)
         return decision
+
+    def _now(self, state: SessionState) -> datetime:
+        """The time of a decision, read once the session's row is locked: a request that waited
+        for another one decides after it, and a stream's times never run backwards (not even
+        when servers' clocks disagree)."""
+        return max(self.clock(), session.last_event_at(state))
 
     def _apply(
         self, conn: Connection, state: SessionState, decision: Decision, info: RequestInfo
@@ -352,7 +362,7 @@ class SessionService:
             now=now,
             policy=self._settings.lockout,
         )
-        stream = Stream(f"principal:{state.name}", "principal")
+        stream = Stream(f"{PRINCIPAL_PREFIX}{state.name}", "principal")
         self._store.append(stream, state.version, events, info.metadata(), conn=conn)
         for event in events:
             state = principal.evolve(state, event)
@@ -373,7 +383,8 @@ class SessionService:
             expires_at=expires_at,
         )
         expires_in = max(int((expires_at - now) / timedelta(seconds=1)), 0)
-        return TokenGrant(access, expires_in, token, state.scope)
+        ends_in = (session.absolute_end_of(state, self._policy) - now) // timedelta(seconds=1)
+        return TokenGrant(access, expires_in, token, state.scope, max(ends_in, 0))
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -387,7 +398,20 @@ class SessionService:
 
 
 def _stream(session_id: str) -> Stream:
-    return Stream(f"session:{session_id}", "session")
+    return Stream(f"{SESSION_PREFIX}{session_id}", "session")
+
+
+def _refusal(outcome: Outcome, state: SessionState) -> Outcome:
+    """Why a refresh was refused; for a session that ended earlier, why it ended, so that the
+    holder of the newest token learns of a theft or an expiry as well as the thief does."""
+    if outcome is Outcome.ENDED and state.end_reason in _ENDINGS:
+        return _ENDINGS[state.end_reason]
+    return outcome
+
+
+_ENDINGS = {
+    o.value: o for o in (Outcome.IDLE_TIMEOUT, Outcome.ABSOLUTE_TIMEOUT, Outcome.REUSE_DETECTED)
+}
 
 
 def _granted_scope(held: tuple[str, ...], requested: str | None) -> tuple[str, ...]:

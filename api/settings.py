@@ -8,11 +8,15 @@ from datetime import timedelta
 from pathlib import Path
 
 from projections.principal import MAX_TRACKED_FAILURES, LockoutPolicy
-from projections.session import Policy
+from projections.session import Policy, parse_duration
 
 DEFAULT_DATA_DIR = Path(".session-ledger/pgdata")
-_DURATION = re.compile(r"(\d{1,9})([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?"
+    r"(?P<path>/[^\s?#]*)?",
+    re.IGNORECASE,
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class SettingsError(ValueError):
@@ -39,8 +43,26 @@ class Settings:
     key_encryption_key: str | None = field(default=None, repr=False)
     """Passphrase sealing private keys at rest (LEDGER_KEY_ENCRYPTION_KEY); None stores them
     unsealed."""
+    run_projections: bool = True
+    """Whether the server keeps the catch-up projections current (LEDGER_RUN_PROJECTIONS); turn
+    it off when `session-ledger project` runs elsewhere."""
     key_reload_interval: timedelta = timedelta(seconds=60)
     """How often a running server re-reads the signing keys, so `keys rotate` reaches it."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins whose pages may call the cookie-authenticated browser endpoints
+    (LEDGER_ALLOWED_ORIGINS); empty means the issuer's origin only (see `browser_origins`)."""
+    demo: bool = False
+    """Serve the demo single-page app at /demo (LEDGER_DEMO; `serve --demo` sets it)."""
+
+    @property
+    def browser_origins(self) -> tuple[str, ...]:
+        """The origins the browser endpoints accept: the allow-list, else the issuer's origin."""
+        if self.allowed_origins:
+            return self.allowed_origins
+        try:
+            return (normalize_origin(self.issuer, path_allowed=True),)
+        except ValueError:  # an issuer no browser could send as Origin: refuse every page
+            return ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -67,15 +89,23 @@ class Settings:
                 window=_duration(env, "LEDGER_LOGIN_FAILURE_WINDOW", lockout.window),
             ),
             key_encryption_key=_optional_text(env, "LEDGER_KEY_ENCRYPTION_KEY"),
+            run_projections=_flag(env, "LEDGER_RUN_PROJECTIONS", True),
+            allowed_origins=_origins(env, "LEDGER_ALLOWED_ORIGINS"),
+            demo=_flag(env, "LEDGER_DEMO", False),
         )
 
 
-def parse_duration(text: str) -> timedelta:
-    """Seconds (`90`) or a number with a unit: `90s`, `15m`, `8h`, `2d`."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration (use seconds or 90s, 15m, 8h, 2d)")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+def normalize_origin(text: str, *, path_allowed: bool = False) -> str:
+    """`scheme://host[:port]` as browsers send it in Origin: lower case, no default port."""
+    match = _ORIGIN.fullmatch(text.strip())
+    if match is None or (match["path"] and not path_allowed):
+        raise ValueError(f"{text!r} is not an origin (http(s)://host[:port], without a path)")
+    scheme, host, port = match["scheme"].lower(), match["host"].lower(), match["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} has an invalid port")
+    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
 
 
 def _optional_text(env: Mapping[str, str], name: str) -> str | None:
@@ -118,6 +148,16 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise SettingsError(f"{name} must be true or false, not {text!r}")
     return text.lower() in ("true", "1", "yes")
+
+
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    text = _optional_text(env, name)
+    if text is None:
+        return ()
+    try:
+        return tuple(dict.fromkeys(normalize_origin(item) for item in text.split(",")))
+    except ValueError as e:
+        raise SettingsError(f"{name}: {e}") from None
 
 
 def _url(env: Mapping[str, str], name: str, default: str) -> str:

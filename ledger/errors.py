@@ -10,9 +10,10 @@ class LedgerError(Exception):
 class ConcurrencyConflict(LedgerError):
     """Raised when a stream's version differs from the version the writer expected."""
 
-    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+    def __init__(self, stream_id: str, expected: int, actual: int, why: str | None = None) -> None:
         super().__init__(
-            f"stream {stream_id!r} is at version {actual}, but version {expected} was expected"
+            why
+            or f"stream {stream_id!r} is at version {actual}, but version {expected} was expected"
         )
         self.stream_id = stream_id
         self.expected = expected
@@ -32,7 +33,11 @@ class UnknownEventType(SerializationError):
 
 
 class InvalidImport(LedgerError):
-    """Raised when a bulk import would break a stream's contiguous versions."""
+    """Raised when a bulk import or its file is refused; nothing of it is written."""
+
+
+class InvalidExport(LedgerError):
+    """Raised when an export is asked for with filters that cannot be met (an unknown type)."""
 
 
 class DatabaseUnavailable(LedgerError):

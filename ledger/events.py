@@ -77,13 +77,18 @@ def decode_event(
 ) -> Event:
     """Rebuild an event from stored JSON, upcasting payloads written by older schema versions."""
     cls = event_class(type_name)
-    payload = _upcast(type_name, schema_version, cls.schema_version, dict(data))
-    hints = _field_types(cls)
-    unknown = payload.keys() - hints.keys()
+    payload = data
+    if schema_version != cls.schema_version:
+        payload = _upcast(type_name, schema_version, cls.schema_version, dict(data))
+    converters = _converters(type_name)
+    unknown = payload.keys() - converters.keys()
     if unknown:
         raise SerializationError(f"{type_name}: unexpected fields {sorted(unknown)}")
     try:
-        values = {name: _from_json(hints[name], value) for name, value in payload.items()}
+        values = {
+            name: value if (convert := converters[name]) is None else convert(value)
+            for name, value in payload.items()
+        }
         return cls(occurred_at=occurred_at, **values)
     except (TypeError, ValueError) as e:
         raise SerializationError(f"{type_name}: {e}") from e
@@ -104,32 +109,45 @@ def _upcast(
     return data
 
 
-def _field_types(cls: type[Event]) -> dict[str, Any]:
-    return _field_types_by_name(cls.type_name)
+Converter = Callable[[JsonValue], Any]
 
 
 @functools.cache
-def _field_types_by_name(type_name: str) -> dict[str, Any]:
+def _converters(type_name: str) -> dict[str, Converter | None]:
+    """Per field, what undoes to_json_value (None: the JSON value is the field's value).
+
+    Worked out once per type from the type hints, because readers decode every event they fold.
+    """
     cls = _registry[type_name]
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "occurred_at"}
+    fields = (f.name for f in dataclasses.fields(cls) if f.name != "occurred_at")
+    return {name: _converter(hints[name]) for name in fields}
 
 
-def _from_json(hint: Any, value: JsonValue) -> Any:
+def _converter(hint: Any) -> Converter | None:
     """Undo to_json_value for the field types events use: datetimes and tuples."""
-    if value is None:
-        return None
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return _from_json(options[0], value) if len(options) == 1 else value
+        inner = _converter(options[0]) if len(options) == 1 else None
+        if inner is None:
+            return None
+        return lambda value: None if value is None else inner(value)
     if hint is datetime:
-        if not isinstance(value, str):
-            raise TypeError(f"expected a timestamp string, got {type(value).__name__}")
-        return parse_timestamp(value)
-    if typing.get_origin(hint) is tuple and isinstance(value, list):
-        (item,) = typing.get_args(hint)[:1]
-        return tuple(_from_json(item, v) for v in value)
-    return value
+        return _timestamp
+    if typing.get_origin(hint) is tuple:
+        item = _converter(typing.get_args(hint)[0])
+        return lambda value: (
+            tuple(v if item is None or v is None else item(v) for v in value)
+            if isinstance(value, list)
+            else value
+        )
+    return None
+
+
+def _timestamp(value: JsonValue) -> datetime:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a timestamp string, got {type(value).__name__}")
+    return parse_timestamp(value)
 
 
 # The session vocabulary. A session stream (stream_type "session") holds one session's life; a
@@ -199,3 +217,18 @@ class PrincipalLocked(Event):
 
     until: datetime
     failures: int
+
+
+# A browser-refusal stream (stream_type "browser-refusal") holds one refused cross-site request.
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrowserRequestRefused(Event):
+    """A cookie-authenticated browser request failed the CSRF checks and was refused.
+
+    `reason` is `origin` (Origin missing or not allowed) or `header` (no X-Requested-With).
+    """
+
+    endpoint: str
+    reason: str
+    origin: str | None

@@ -73,6 +73,12 @@ class RecordedEvent(_StoredRow):
         return decode_event(self.type, self.schema_version, data, self.occurred_at)
 
     @cached_property
+    def data(self) -> dict[str, JsonValue]:
+        """The payload as stored (before upcasting), as plain JSON."""
+        value: dict[str, JsonValue] = json.loads(self.data_json)
+        return value
+
+    @cached_property
     def metadata(self) -> dict[str, JsonValue]:
         """The metadata recorded with the event (request id, address, user agent, ...)."""
         value: dict[str, JsonValue] = json.loads(self.metadata_json)
@@ -96,3 +102,6 @@ class ImportRecord:
     occurred_at: datetime
     data: Mapping[str, JsonValue]
     metadata: Mapping[str, JsonValue]
+    # The hash the event had where it came from (an export). When given, the import refuses the
+    # event unless the hash it recomputes is the same: a changed export must not load silently.
+    hash: bytes | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -32,22 +33,26 @@ __all__ = [
 Connection = psycopg.Connection[TupleRow]
 
 # One event: chained to the hash of version `prev`, which must exist (or prev = 0). A stale `prev`
-# fails on the unique (stream_id, version) key; one ahead of the stream inserts no row.
+# fails on the unique (stream_id, version) key; one ahead of the stream inserts no row. Neither
+# does a transaction older than the one that wrote `prev`: catch-up readers go in transaction
+# order, so a stream's versions must never run against it (DESIGN.md's ordering rule).
 _APPEND = """
 INSERT INTO events (stream_id, stream_type, version, type, schema_version, data, metadata,
                     occurred_at, prev_hash, hash)
 SELECT %(stream_id)s, %(stream_type)s, %(prev)s::integer + 1, %(type)s, %(schema_version)s,
        %(data)s::jsonb, %(metadata)s::jsonb, %(occurred_at)s, head.hash,
        sha256(head.hash || %(body)s::bytea)
-  FROM (SELECT hash FROM events WHERE stream_id = %(stream_id)s AND version = %(prev)s::integer
+  FROM (SELECT hash, tx_id FROM events
+         WHERE stream_id = %(stream_id)s AND version = %(prev)s::integer
         UNION ALL
-        SELECT %(genesis)s::bytea WHERE %(prev)s::integer = 0) AS head
+        SELECT %(genesis)s::bytea, NULL::xid8 WHERE %(prev)s::integer = 0) AS head
+ WHERE head.tx_id IS NULL OR head.tx_id <= pg_current_xact_id()
 RETURNING position
 """
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %s"
 _HEADS = (
-    "SELECT DISTINCT ON (stream_id) stream_id, version, hash FROM events"
-    " WHERE stream_id = ANY(%s) ORDER BY stream_id, version DESC"
+    "SELECT DISTINCT ON (stream_id) stream_id, version, hash, tx_id > pg_current_xact_id()"
+    " FROM events WHERE stream_id = ANY(%s) ORDER BY stream_id, version DESC"
 )
 _COPY = (
     "COPY events (stream_id, stream_type, version, type, schema_version, data, metadata,"
@@ -70,11 +75,32 @@ _READ_ALL = (
     " AND tx_id < pg_snapshot_xmin(pg_current_snapshot())"
     " ORDER BY tx_id, position LIMIT %s"
 )
+# read_all with filters; a NULL parameter disables its filter.
+_READ_FILTERED = (
+    f"SELECT {_COLUMNS} FROM events"  # noqa: S608
+    " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
+    " AND tx_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " AND (%s::text[] IS NULL OR type = ANY(%s::text[]))"
+    " AND (%s::text[] IS NULL OR stream_id = ANY(%s::text[]))"
+    " AND (%s::timestamptz IS NULL OR occurred_at >= %s::timestamptz)"
+    " AND (%s::timestamptz IS NULL OR occurred_at < %s::timestamptz)"
+    " ORDER BY tx_id, position LIMIT %s"
+)
+# Everything committed, horizon or not: only for readers that lock writers out (see read_visible).
+_READ_VISIBLE = (
+    f"SELECT {_COLUMNS} FROM events"  # noqa: S608
+    " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
+    " ORDER BY tx_id, position LIMIT %s"
+)
 _CHAIN = (  # Envelope.of's argument order, then the stored links
     "SELECT stream_id, stream_type, version, type, schema_version, occurred_at, data, metadata,"
     " prev_hash, hash FROM events ORDER BY stream_id, version"
 )
 _CONFLICT_CONSTRAINT = "events_stream_version_key"
+_OLDER_TRANSACTION = (
+    "stream {!r}: its last event was written by a transaction that began after this one;"
+    " retry the append in a new transaction"
+)
 _IMPORT_CHUNK = 5000
 
 
@@ -113,7 +139,9 @@ class EventStore:
             actual = self.version(stream.id)
             raise ConcurrencyConflict(stream.id, expected_version, actual) from lost.__cause__
         if positions is None:
-            raise ConcurrencyConflict(stream.id, expected_version, self.version(stream.id))
+            actual = self.version(stream.id)
+            why = None if actual != expected_version else _OLDER_TRANSACTION.format(stream.id)
+            raise ConcurrencyConflict(stream.id, expected_version, actual, why)
         return AppendResult(expected_version + len(events), positions)
 
     def version(self, stream_id: str) -> int:
@@ -126,11 +154,64 @@ class EventStore:
         """The stream's events from `from_version` on, in version order."""
         return self._read(_READ_STREAM, (stream_id, from_version))
 
-    def read_all(self, after: Checkpoint = START, limit: int = 1000) -> list[RecordedEvent]:
-        """Up to `limit` events after `after` in gap-safe order; a late commit is never skipped."""
+    def read_all(
+        self, after: Checkpoint = START, limit: int = 1000, *, conn: Connection | None = None
+    ) -> list[RecordedEvent]:
+        """Up to `limit` events after `after` in gap-safe order; a late commit is never skipped.
+
+        With `conn`, the read runs on that connection (inside its transaction, if one is open).
+        """
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        return self._read(_READ_ALL, (str(after.tx_id), after.position, limit))
+        return self._read(_READ_ALL, (str(after.tx_id), after.position, limit), conn)
+
+    def read_filtered(
+        self,
+        after: Checkpoint,
+        limit: int,
+        *,
+        types: Sequence[str] | None = None,
+        stream_ids: Sequence[str] | None = None,
+        occurred_from: datetime | None = None,
+        occurred_to: datetime | None = None,
+    ) -> list[RecordedEvent]:
+        """read_all restricted to some types, streams and an occurred_at range [from, to)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        type_list = None if types is None else list(types)
+        stream_list = None if stream_ids is None else list(stream_ids)
+        params = (
+            str(after.tx_id),
+            after.position,
+            type_list,
+            type_list,
+            stream_list,
+            stream_list,
+            occurred_from,
+            occurred_from,
+            occurred_to,
+            occurred_to,
+            limit,
+        )
+        return self._read(_READ_FILTERED, params)
+
+    def iter_all(self, after: Checkpoint = START, page: int = 10_000) -> Iterator[RecordedEvent]:
+        """Every event after `after` in gap-safe order, read a page at a time."""
+        while events := self.read_all(after, page):
+            yield from events
+            after = events[-1].checkpoint
+
+    def read_visible(
+        self, after: Checkpoint, limit: int, *, conn: Connection
+    ) -> list[RecordedEvent]:
+        """Like read_all, but everything committed, ignoring transactions still open.
+
+        Only for a reader that holds locks keeping every writer of what it builds out, so that an
+        open transaction cannot commit an event it would need (a rebuild's final catch-up).
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return self._read(_READ_VISIBLE, (str(after.tx_id), after.position, limit), conn)
 
     def verify(self) -> list[BrokenLink]:
         """Recompute every stream's hash chain; return each broken stream's first broken link."""
@@ -151,7 +232,8 @@ class EventStore:
         """Bulk-append stored-form events with COPY, continuing each stream's versions and chain.
 
         Everything is written in one transaction: a record out of version sequence, an unknown
-        type or a concurrent writer on an imported stream rolls the whole import back.
+        type, a recorded hash that differs from the recomputed one or a concurrent writer on an
+        imported stream rolls the whole import back.
         """
         heads: dict[str, tuple[int, bytes]] = {}
         count = 0
@@ -168,12 +250,22 @@ class EventStore:
                 count += len(rows)
         return count
 
-    def _read(self, query: str, params: tuple[Any, ...]) -> list[RecordedEvent]:
-        with translated_errors(), self._pool.connection() as conn:
-            rows = conn.cursor(binary=True).execute(query, params, prepare=True).fetchall()
+    def _read(
+        self, query: str, params: tuple[Any, ...], conn: Connection | None = None
+    ) -> list[RecordedEvent]:
+        with translated_errors(), self._reader(conn) as reader:
+            rows = reader.cursor(binary=True).execute(query, params, prepare=True).fetchall()
         for type_name in {row[4] for row in rows}:
             event_class(type_name)  # an unknown type fails the read, not a later access
         return [RecordedEvent.from_row(row) for row in rows]
+
+    @contextmanager
+    def _reader(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self._pool.connection() as own:
+                yield own
 
     @contextmanager
     def _connection(self, conn: Connection | None) -> Iterator[Connection]:
@@ -260,7 +352,9 @@ def _chunks(records: Iterable[ImportRecord], size: int) -> Iterator[list[ImportR
 
 def _load_heads(conn: Connection, heads: dict[str, tuple[int, bytes]], streams: set[str]) -> None:
     heads.update({stream: (0, GENESIS) for stream in streams})
-    for stream_id, version, hash_ in conn.execute(_HEADS, (list(streams),)):
+    for stream_id, version, hash_, newer in conn.execute(_HEADS, (list(streams),)):
+        if newer:  # the same ordering rule as append's
+            raise InvalidImport(f"stream {stream_id!r} was appended to during the import; retry")
         heads[stream_id] = (int(version), bytes(hash_))
 
 
@@ -282,6 +376,12 @@ def _import_row(record: ImportRecord, heads: dict[str, tuple[int, bytes]]) -> tu
         to_json_value(record.metadata, "$metadata"),
     )
     link = envelope.link_hash(prev_hash)
+    if record.hash is not None and record.hash != link:
+        raise InvalidImport(
+            f"stream {record.stream_id!r} version {record.version}: the recomputed hash"
+            f" {link.hex()} differs from the recorded {record.hash.hex()} (the event or one"
+            " before it in its stream was changed)"
+        )
     heads[record.stream_id] = (record.version, link)
     return (
         envelope.stream_id,

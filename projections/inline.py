@@ -2,62 +2,204 @@
 
 Callers load a row `FOR UPDATE` inside their transaction, decide, append the events with
 `EventStore.append(conn=...)` and save the folded state in the same transaction, so a row never
-disagrees with its stream and concurrent requests for one session queue on the row lock.
+disagrees with its stream and concurrent requests for one session queue on the row lock. A rebuild
+folds the same events with the same functions into other tables (`table=`).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
+from ledger.records import RecordedEvent
 from ledger.serialization import JsonValue, format_timestamp, parse_timestamp
+from projections import principal, session
 from projections.principal import PrincipalState
 from projections.session import Rotation, SessionState
 
 Connection = psycopg.Connection[TupleRow]
 
+SESSION_PREFIX, PRINCIPAL_PREFIX = "session:", "principal:"
+
 _SESSION_COLUMNS = (
     "session_id, version, user_name, client_id, scope, started_at, last_activity, generation,"
     " rotations, ip, user_agent, ended_at, end_reason"
 )
-_LOAD_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = %s"  # noqa: S608
-_SAVE_SESSION = f"""
-INSERT INTO sessions ({_SESSION_COLUMNS})
+_LOAD_SESSION = "SELECT {columns} FROM {table} WHERE session_id = %s"
+_LOAD_SESSIONS = "SELECT {columns} FROM {table} WHERE session_id = ANY(%s)"
+_SAVE_SESSION = """
+INSERT INTO {table} ({columns})
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (session_id) DO UPDATE SET
     version = EXCLUDED.version, last_activity = EXCLUDED.last_activity,
     generation = EXCLUDED.generation, rotations = EXCLUDED.rotations,
     ended_at = EXCLUDED.ended_at, end_reason = EXCLUDED.end_reason
-"""  # noqa: S608
+"""
 _USER_SESSIONS = (
-    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_name = %s"  # noqa: S608
+    "SELECT {columns} FROM {table} WHERE user_name = %s"
     " ORDER BY started_at DESC, session_id LIMIT %s"
 )
-_LOAD_PRINCIPAL = (
-    "SELECT name, version, recent_failures, locked_until FROM principals WHERE name = %s"
-)
+_PRINCIPAL_COLUMNS = "name, version, recent_failures, locked_until"
+_LOAD_PRINCIPAL = "SELECT {columns} FROM {table} WHERE name = %s"
+_LOAD_PRINCIPALS = "SELECT {columns} FROM {table} WHERE name = ANY(%s)"
 # Two-key form: the first key keeps these locks apart from the schema's and the signing keys'.
 _LOCK_PRINCIPAL = "SELECT pg_advisory_xact_lock(7261002, hashtext(%s))"
 _SAVE_PRINCIPAL = """
-INSERT INTO principals (name, version, recent_failures, locked_until) VALUES (%s, %s, %s, %s)
+INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s)
 ON CONFLICT (name) DO UPDATE SET
     version = EXCLUDED.version, recent_failures = EXCLUDED.recent_failures,
     locked_until = EXCLUDED.locked_until
 """
 
 
-def load_session(conn: Connection, session_id: str, *, for_update: bool) -> SessionState | None:
+@functools.cache
+def statement(template: str, table: str, columns: str = "") -> str:
+    """A statement on `table`: projection SQL is written once and run on live or rebuild tables."""
+    if not re.fullmatch(r"[a-z_]{1,63}", table):
+        raise ValueError(f"not a projection table name: {table!r}")
+    return template.format(table=table, columns=columns)
+
+
+def load_session(
+    conn: Connection, session_id: str, *, for_update: bool, table: str = "sessions"
+) -> SessionState | None:
     """The session's projected state; with `for_update`, locked until the transaction ends."""
-    query = _LOAD_SESSION + (" FOR UPDATE" if for_update else "")
+    query = statement(_LOAD_SESSION, table, _SESSION_COLUMNS) + (
+        " FOR UPDATE" if for_update else ""
+    )
     row = conn.execute(query, (session_id,), prepare=True).fetchone()
     return None if row is None else _session(row)
 
 
-def save_session(conn: Connection, state: SessionState) -> None:
+def save_session(conn: Connection, state: SessionState, *, table: str = "sessions") -> None:
     """Write the session's folded state (insert or replace)."""
+    query = statement(_SAVE_SESSION, table, _SESSION_COLUMNS)
+    conn.execute(query, _session_params(state), prepare=True)
+
+
+def user_sessions(
+    conn: Connection, user: str, limit: int, *, table: str = "sessions"
+) -> list[SessionState]:
+    """A user's sessions, newest first."""
+    query = statement(_USER_SESSIONS, table, _SESSION_COLUMNS)
+    return [_session(row) for row in conn.execute(query, (user, limit))]
+
+
+def load_principal(
+    conn: Connection, name: str, *, for_update: bool, table: str = "principals"
+) -> PrincipalState:
+    """The principal's projected state (empty when it never failed a login).
+
+    With `for_update`, the name is locked until the transaction ends, whether or not it has a row
+    yet: a row lock alone would let two first failures of a new name race.
+    """
+    if for_update:
+        conn.execute(_LOCK_PRINCIPAL, (name,), prepare=True)
+    query = statement(_LOAD_PRINCIPAL, table, _PRINCIPAL_COLUMNS)
+    row = conn.execute(query, (name,), prepare=True).fetchone()
+    return PrincipalState(name=name) if row is None else _principal(row)
+
+
+def save_principal(conn: Connection, state: PrincipalState, *, table: str = "principals") -> None:
+    """Write the principal's folded state (insert or replace)."""
+    query = statement(_SAVE_PRINCIPAL, table, _PRINCIPAL_COLUMNS)
+    conn.execute(query, _principal_params(state), prepare=True)
+
+
+def apply_sessions(
+    conn: Connection, events: Sequence[RecordedEvent], *, table: str = "sessions"
+) -> None:
+    """Fold a batch of events into session rows; events a row already reflects are skipped."""
+    batch = [e for e in events if e.stream_type == "session"]
+    ids = list(dict.fromkeys(e.stream_id.removeprefix(SESSION_PREFIX) for e in batch))
+    if not ids:
+        return
+    query = statement(_LOAD_SESSIONS, table, _SESSION_COLUMNS)
+    states: dict[str, SessionState | None] = {}
+    states.update((row[0], _session(row)) for row in conn.execute(query, (ids,)))
+    changed: dict[str, SessionState] = {}
+    for recorded in batch:
+        session_id = recorded.stream_id.removeprefix(SESSION_PREFIX)
+        state = states.get(session_id)
+        if state is not None and recorded.version <= state.version:
+            continue
+        states[session_id] = changed[session_id] = session.evolve(state, session_id, recorded.event)
+    _save_all(
+        conn, statement(_SAVE_SESSION, table, _SESSION_COLUMNS), changed.values(), _session_params
+    )
+
+
+class SessionsRebuild:
+    """Folds a whole rebuild's session events in memory and writes each row once, at the end.
+
+    The same fold as apply_sessions, without loading and saving every touched row per batch:
+    a rebuild would otherwise write a long session's row once per batch it appears in.
+    """
+
+    def __init__(self, conn: Connection, table: str) -> None:
+        self._conn = conn
+        self._table = table
+        self._states: dict[str, SessionState] = {}
+
+    def apply(self, events: Sequence[RecordedEvent]) -> None:
+        states = self._states
+        for recorded in events:
+            if recorded.stream_type != "session":
+                continue
+            session_id = recorded.stream_id.removeprefix(SESSION_PREFIX)
+            state = states.get(session_id)
+            if state is not None and recorded.version <= state.version:
+                continue
+            states[session_id] = session.evolve(state, session_id, recorded.event)
+
+    def flush(self) -> None:
+        """Write every folded row into the (empty) table."""
+        copy_sql = statement("COPY {table} ({columns}) FROM STDIN", self._table, _SESSION_COLUMNS)
+        with self._conn.cursor().copy(copy_sql) as copy:
+            for state in self._states.values():
+                copy.write_row(_session_params(state))
+        self._states.clear()
+
+
+def apply_principals(
+    conn: Connection, events: Sequence[RecordedEvent], *, table: str = "principals"
+) -> None:
+    """Fold a batch of events into principal rows; events a row already reflects are skipped."""
+    batch = [e for e in events if e.stream_type == "principal"]
+    names = list(dict.fromkeys(e.stream_id.removeprefix(PRINCIPAL_PREFIX) for e in batch))
+    if not names:
+        return
+    query = statement(_LOAD_PRINCIPALS, table, _PRINCIPAL_COLUMNS)
+    states = {name: PrincipalState(name=name) for name in names}
+    states.update((row[0], _principal(row)) for row in conn.execute(query, (names,)))
+    changed: dict[str, PrincipalState] = {}
+    for recorded in batch:
+        name = recorded.stream_id.removeprefix(PRINCIPAL_PREFIX)
+        if recorded.version <= states[name].version:
+            continue
+        states[name] = changed[name] = principal.evolve(states[name], recorded.event)
+    _save_all(
+        conn,
+        statement(_SAVE_PRINCIPAL, table, _PRINCIPAL_COLUMNS),
+        changed.values(),
+        _principal_params,
+    )
+
+
+def _save_all(conn: Connection, query: str, states: Iterable[Any], params: Any) -> None:
+    rows = [params(state) for state in states]
+    if rows:
+        with conn.cursor() as cursor:
+            cursor.executemany(query, rows)
+
+
+def _session_params(state: SessionState) -> tuple[Any, ...]:
     rotations: list[JsonValue] = [
         {
             "retired_generation": r.retired_generation,
@@ -67,7 +209,7 @@ def save_session(conn: Connection, state: SessionState) -> None:
         }
         for r in state.rotations
     ]
-    params = (
+    return (
         state.session_id,
         state.version,
         state.user,
@@ -82,34 +224,10 @@ def save_session(conn: Connection, state: SessionState) -> None:
         state.ended_at,
         state.end_reason,
     )
-    conn.execute(_SAVE_SESSION, params, prepare=True)
 
 
-def user_sessions(conn: Connection, user: str, limit: int) -> list[SessionState]:
-    """A user's sessions, newest first."""
-    return [_session(row) for row in conn.execute(_USER_SESSIONS, (user, limit))]
-
-
-def load_principal(conn: Connection, name: str, *, for_update: bool) -> PrincipalState:
-    """The principal's projected state (empty when it never failed a login).
-
-    With `for_update`, the name is locked until the transaction ends, whether or not it has a row
-    yet: a row lock alone would let two first failures of a new name race.
-    """
-    if for_update:
-        conn.execute(_LOCK_PRINCIPAL, (name,), prepare=True)
-    row = conn.execute(_LOAD_PRINCIPAL, (name,), prepare=True).fetchone()
-    if row is None:
-        return PrincipalState(name=name)
-    return PrincipalState(
-        name=row[0], version=row[1], recent_failures=tuple(row[2]), locked_until=row[3]
-    )
-
-
-def save_principal(conn: Connection, state: PrincipalState) -> None:
-    """Write the principal's folded state (insert or replace)."""
-    params = (state.name, state.version, list(state.recent_failures), state.locked_until)
-    conn.execute(_SAVE_PRINCIPAL, params, prepare=True)
+def _principal_params(state: PrincipalState) -> tuple[Any, ...]:
+    return (state.name, state.version, list(state.recent_failures), state.locked_until)
 
 
 def _session(row: tuple[Any, ...]) -> SessionState:
@@ -131,4 +249,10 @@ def _session(row: tuple[Any, ...]) -> SessionState:
         user_agent=row[10],
         ended_at=row[11],
         end_reason=row[12],
+    )
+
+
+def _principal(row: tuple[Any, ...]) -> PrincipalState:
+    return PrincipalState(
+        name=row[0], version=row[1], recent_failures=tuple(row[2]), locked_until=row[3]
     )

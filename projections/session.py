@@ -7,11 +7,12 @@ the events to append with the outcome; they never read a clock or touch storage.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from ledger.events import (
     ActivityRecorded,
@@ -34,6 +35,23 @@ class Policy:
     refresh_grace: timedelta = timedelta(seconds=10)
     activity_debounce: timedelta = timedelta(seconds=60)
     refresh_counts_as_activity: bool = True
+
+
+def parse_duration(text: str) -> timedelta:
+    """Seconds (`90`) or a number with a unit: `90s`, `15m`, `8h`, `2d`."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (use seconds or 90s, 15m, 8h, 2d)")
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+_DURATION = re.compile(r"(\d{1,9})([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+ROTATIONS_KEPT = 32
+"""The most recent rotations a state keeps as reuse evidence, so a session that refreshes in a
+loop does not grow without bound. Reuse of an older generation is still detected."""
 
 
 @dataclass(frozen=True)
@@ -114,21 +132,36 @@ def evolve(state: SessionState | None, session_id: str, event: Event) -> Session
             ip=event.ip,
             user_agent=event.user_agent,
         )
-    state = dataclasses.replace(state, version=state.version + 1)
+    version = state.version + 1
     match event:
+        case ActivityRecorded():
+            return _with(state, version=version, last_activity=event.occurred_at)
         case RefreshTokenRotated():
             rotation = Rotation(event.generation - 1, event.occurred_at, event.ip, event.user_agent)
-            return dataclasses.replace(
-                state, generation=event.generation, rotations=(*state.rotations, rotation)
+            return _with(
+                state,
+                version=version,
+                generation=event.generation,
+                rotations=(*state.rotations, rotation)[-ROTATIONS_KEPT:],
             )
-        case ActivityRecorded():
-            return dataclasses.replace(state, last_activity=event.occurred_at)
         case SessionEnded():
-            return dataclasses.replace(state, ended_at=event.occurred_at, end_reason=event.reason)
+            return _with(
+                state, version=version, ended_at=event.occurred_at, end_reason=event.reason
+            )
         case SessionStarted():
             raise NotASessionStream(f"session {session_id} starts twice")
         case _:
-            return state  # evidence such as RefreshTokenReuseDetected changes nothing by itself
+            # Evidence such as RefreshTokenReuseDetected changes nothing but the version.
+            return _with(state, version=version)
+
+
+def _with(state: SessionState, **changes: Any) -> SessionState:
+    """dataclasses.replace for the fold's hot path: a rebuild calls it for every event, and this
+    copies the fields instead of re-running the constructor (SessionState has no __post_init__)."""
+    changed = object.__new__(SessionState)
+    changed.__dict__.update(state.__dict__)
+    changed.__dict__.update(changes)
+    return changed
 
 
 def replay(session_id: str, events: Iterable[Event]) -> SessionState | None:
@@ -164,6 +197,14 @@ def status(state: SessionState, now: datetime, policy: Policy) -> Outcome:
 def is_valid(state: SessionState, now: datetime, policy: Policy) -> bool:
     """DESIGN.md: started, not ended, idle below the limit, before the absolute end."""
     return status(state, now, policy) is Outcome.OK
+
+
+def last_event_at(state: SessionState) -> datetime:
+    """When the latest event folded into the state happened."""
+    latest = max(state.started_at, state.last_activity)
+    if state.rotations:
+        latest = max(latest, state.rotations[-1].at)
+    return latest if state.ended_at is None else max(latest, state.ended_at)
 
 
 def idle_for(state: SessionState, now: datetime) -> timedelta:
@@ -221,7 +262,9 @@ def decide_refresh(
         return Decision((), Outcome.UNKNOWN_GENERATION)
     first_use = _rotation_of(state, presented_generation)
     in_grace = (
-        presented_generation == state.generation - 1 and now - first_use.at <= policy.refresh_grace
+        first_use is not None
+        and presented_generation == state.generation - 1
+        and now - first_use.at <= policy.refresh_grace
     )
     if in_grace:
         return Decision((), Outcome.GRACE_RETRY)
@@ -229,7 +272,7 @@ def decide_refresh(
         occurred_at=now,
         presented_generation=presented_generation,
         current_generation=state.generation,
-        first_use=_request(first_use.at, first_use.ip, first_use.user_agent),
+        first_use=_first_use(first_use),
         reuse=_request(now, ip, user_agent),
     )
     ended = SessionEnded(occurred_at=now, reason=Outcome.REUSE_DETECTED.value)
@@ -275,11 +318,17 @@ def _activity(state: SessionState, now: datetime, policy: Policy) -> tuple[Event
     return (ActivityRecorded(occurred_at=now),)
 
 
-def _rotation_of(state: SessionState, retired_generation: int) -> Rotation:
+def _rotation_of(state: SessionState, retired_generation: int) -> Rotation | None:
     for rotation in state.rotations:
         if rotation.retired_generation == retired_generation:
             return rotation
-    raise SessionError(f"session {state.session_id} has no rotation of {retired_generation}")
+    return None  # older than the rotations a state keeps
+
+
+def _first_use(rotation: Rotation | None) -> dict[str, JsonValue]:
+    if rotation is None:
+        return {"at": None, "ip": None, "user_agent": None}
+    return _request(rotation.at, rotation.ip, rotation.user_agent)
 
 
 def _request(at: datetime, ip: str | None, user_agent: str | None) -> dict[str, JsonValue]:

@@ -128,6 +128,7 @@ def live_factory(
         issuer: str = "https://ledger.test",
         audience: str = "session-ledger",
         key_reload_interval: timedelta = timedelta(seconds=60),
+        run_projections: bool = False,
     ) -> LiveServer:
         settings = Settings(
             database_url=db_url,
@@ -135,6 +136,7 @@ def live_factory(
             audience=audience,
             policy=policy,
             key_reload_interval=key_reload_interval,
+            run_projections=run_projections,
         )
         app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
         url, stop = serve_in_thread(app)

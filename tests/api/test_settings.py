@@ -6,7 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from api.settings import Settings, SettingsError, parse_duration
+from api.settings import Settings, SettingsError
+from projections.session import parse_duration
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,42 @@ def test_every_variable_is_read() -> None:
 def test_an_invalid_value_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_allowed_origins_are_read_and_normalized() -> None:
+    listed = "https://App.example.com:443, http://127.0.0.1:8000,http://[::1]"
+    settings = Settings.from_env({"LEDGER_ALLOWED_ORIGINS": listed})
+    expected = ("https://app.example.com", "http://127.0.0.1:8000", "http://[::1]")
+    assert settings.allowed_origins == expected
+    assert settings.browser_origins == expected
+
+
+def test_without_allowed_origins_only_the_issuers_origin_is_allowed() -> None:
+    assert Settings.from_env({}).allowed_origins == ()
+    assert Settings.from_env({}).browser_origins == ("http://127.0.0.1:8000",)
+    behind_proxy = Settings.from_env({"LEDGER_ISSUER": "https://auth.example.com/ledger"})
+    assert behind_proxy.browser_origins == ("https://auth.example.com",)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://app.example.com/",
+        "https://app.example.com/spa",
+        "app.example.com",
+        "ftp://app.example.com",
+        "https://app.example.com:99999",
+        "https://a.example.com,,https://b.example.com",
+        "*",
+    ],
+)
+def test_an_allowed_origin_with_a_path_or_no_scheme_is_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match="LEDGER_ALLOWED_ORIGINS"):
+        Settings.from_env({"LEDGER_ALLOWED_ORIGINS": value})
+
+
+def test_demo_mode_is_off_unless_asked_for() -> None:
+    assert Settings.from_env({}).demo is False
+    assert Settings.from_env({"LEDGER_DEMO": "1"}).demo is True
+    with pytest.raises(SettingsError, match="LEDGER_DEMO"):
+        Settings.from_env({"LEDGER_DEMO": "maybe"})

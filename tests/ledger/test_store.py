@@ -361,3 +361,19 @@ def test_missing_schema_raises_storage_error(pg_server_url: str) -> None:
         # The server's maintenance database has no ledger schema; the driver error is translated.
         with pytest.raises(StorageError, match="events"):
             missing.read_stream("x")
+
+
+def test_an_append_from_a_transaction_older_than_the_streams_head_is_refused(
+    store: EventStore, db_url: str, admin: Admin
+) -> None:
+    # Catch-up readers go in transaction order, so version 2 must not come from a transaction
+    # that began (took its id) before the one that wrote version 1.
+    with psycopg.connect(db_url) as older:
+        older.execute("SELECT pg_current_xact_id()")  # takes its transaction id now
+        store.append(session(), 0, [started()])  # a newer transaction writes version 1
+        with pytest.raises(ConcurrencyConflict, match="began after this one") as caught:
+            store.append(session(), 1, [activity(1)], conn=older)
+        older.rollback()
+    assert (caught.value.expected, caught.value.actual) == (1, 1)
+    assert store.append(session(), 1, [activity(1)]).version == 2  # a new transaction may
+    assert [e.version for e in store.read_all()] == [1, 2]

@@ -18,6 +18,7 @@ from ledger.events import (
 )
 from ledger.serialization import format_timestamp
 from projections.session import (
+    ROTATIONS_KEPT,
     Decision,
     NotASessionStream,
     Outcome,
@@ -563,3 +564,26 @@ def test_stream_starting_twice_is_rejected() -> None:
         replay(SID, [*begin(), ActivityRecorded(occurred_at=T0 + DEBOUNCE), *begin(T0 + IDLE)])
     with pytest.raises(NotASessionStream):
         evolve(fold(begin()), SID, begin(T0 + timedelta(minutes=1))[0])
+
+
+def test_only_the_latest_rotations_are_kept_and_older_reuse_is_still_caught() -> None:
+    state = fold(begin())
+    now = T0
+    for _ in range(ROTATIONS_KEPT + 8):
+        now += timedelta(seconds=30)
+        decision = decide_refresh(
+            state, state.generation, next_token_hash="h", ip=None, user_agent=None,
+            now=now, policy=POLICY,
+        )  # fmt: skip
+        for event in decision.events:
+            state = evolve(state, SID, event)
+    assert len(state.rotations) == ROTATIONS_KEPT
+    assert state.rotations[0].retired_generation == 9
+    stale = decide_refresh(
+        state, 2, next_token_hash="h", ip="203.0.113.9", user_agent=None,
+        now=now + timedelta(minutes=1), policy=POLICY,
+    )  # fmt: skip
+    assert stale.outcome is Outcome.REUSE_DETECTED
+    evidence = stale.events[0]
+    assert isinstance(evidence, RefreshTokenReuseDetected)
+    assert evidence.first_use == {"at": None, "ip": None, "user_agent": None}

@@ -1,0 +1,219 @@
+"""The audit API: session timelines, point-in-time state, users' sessions, events, alerts.
+
+Every route needs an access token whose scope includes `audit` (403 `insufficient_scope`
+otherwise, 401 without a valid token).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from api.errors import NO_STORE, BearerError, InvalidRequest, NotFound
+from api.routes import Caller, Service
+from ledger.events import registered_types
+from ledger.records import START, Checkpoint, RecordedEvent
+from ledger.serialization import format_timestamp
+from ledger.store import EventStore
+from projections import session
+from projections.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, user_sessions
+from projections.replay import PointInTime, as_of
+
+router = APIRouter(prefix="/audit")
+MAX_LIMIT = 1000
+AUDIT_SCOPE = "audit"
+
+
+async def _auditor(caller: Caller) -> str:
+    claims, _ = caller
+    if AUDIT_SCOPE not in claims.scope:
+        raise BearerError("the audit scope is required", status=403, error="insufficient_scope")
+    return claims.subject
+
+
+Auditor = Annotated[str, Depends(_auditor)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+
+
+def _store(request: Request) -> EventStore:
+    return EventStore(request.app.state.pool)
+
+
+Store = Annotated[EventStore, Depends(_store)]
+
+
+@router.get("/sessions/{session_id}/events")
+async def session_events(session_id: str, auditor: Auditor, store: Store) -> JSONResponse:
+    events = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
+    if not events:
+        raise NotFound(session_id)
+    return JSONResponse({"events": [event_body(e) for e in events]}, headers=NO_STORE)
+
+
+@router.get("/sessions/{session_id}")
+async def session_as_of(
+    session_id: str,
+    auditor: Auditor,
+    store: Store,
+    service: Service,
+    as_of_time: Annotated[str | None, Query(alias="as_of")] = None,
+) -> JSONResponse:
+    moment = _time(as_of_time, "as_of") if as_of_time else service.clock()
+    recorded = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
+    if not recorded:
+        raise NotFound(session_id)
+    view = as_of(session_id, [r.event for r in recorded], moment, service.policy)
+    return JSONResponse(point_in_time_body(view, service.policy), headers=NO_STORE)
+
+
+@router.get("/users/{name}/sessions")
+async def users_sessions(
+    name: str, auditor: Auditor, request: Request, service: Service, limit: Limit = 100
+) -> JSONResponse:
+    states = await run_in_threadpool(_user_sessions, request, name, limit)
+    now = service.clock()
+    body = [point_in_time_body(_now(s, now, service.policy), service.policy) for s in states]
+    return JSONResponse({"sessions": body}, headers=NO_STORE)
+
+
+@router.get("/events")
+async def events(
+    auditor: Auditor,
+    request: Request,
+    store: Store,
+    after: str | None = None,
+    limit: Limit = 100,
+    type: Annotated[list[str] | None, Query()] = None,
+    user: str | None = None,
+    from_time: Annotated[str | None, Query(alias="from")] = None,
+    to_time: Annotated[str | None, Query(alias="to")] = None,
+) -> JSONResponse:
+    cursor = decode_cursor(after) if after else START
+    known = {cls.type_name for cls in registered_types()}
+    unknown = sorted(set(type or ()) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown event type(s): {', '.join(unknown)}")
+    streams = await run_in_threadpool(_streams_of, request, user) if user else None
+    page = await run_in_threadpool(
+        lambda: store.read_filtered(
+            cursor,
+            limit,
+            types=type,
+            stream_ids=streams,
+            occurred_from=_time(from_time, "from") if from_time else None,
+            occurred_to=_time(to_time, "to") if to_time else None,
+        )
+    )
+    next_cursor = encode_cursor(page[-1].checkpoint if page else cursor)
+    body = {"events": [event_body(e) for e in page], "next": next_cursor}
+    return JSONResponse(body, headers=NO_STORE)
+
+
+@router.get("/alerts")
+async def alerts(
+    auditor: Auditor, request: Request, after: int = 0, limit: Limit = 100
+) -> JSONResponse:
+    rows = await run_in_threadpool(_alerts, request, after, limit)
+    return JSONResponse({"alerts": rows}, headers=NO_STORE)
+
+
+def event_body(event: RecordedEvent) -> dict[str, Any]:
+    return {
+        "position": event.position,
+        "stream_id": event.stream_id,
+        "version": event.version,
+        "type": event.type,
+        "schema_version": event.schema_version,
+        "occurred_at": format_timestamp(event.occurred_at),
+        "recorded_at": format_timestamp(event.recorded_at),
+        "data": event.data,
+        "metadata": event.metadata,
+    }
+
+
+def point_in_time_body(view: PointInTime, policy: session.Policy) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "session_id": view.session_id,
+        "as_of": format_timestamp(view.as_of),
+        "status": view.status,
+        "valid": view.is_valid,
+    }
+    state = view.state
+    if state is None:
+        return body
+    ends, _ = session.expiry(state, policy)
+    return {
+        **body,
+        "end_reason": state.end_reason,
+        "user": state.user,
+        "client_id": state.client_id,
+        "generation": state.generation,
+        "started_at": format_timestamp(state.started_at),
+        "last_activity": format_timestamp(state.last_activity),
+        "idle_seconds": int(view.idle_for.total_seconds()) if view.idle_for else 0,
+        "expires_at": format_timestamp(ends),
+        "ended_at": format_timestamp(state.ended_at) if state.ended_at else None,
+        "ip": state.ip,
+        "user_agent": state.user_agent,
+    }
+
+
+def encode_cursor(checkpoint: Checkpoint) -> str:
+    raw = f"{checkpoint.tx_id}:{checkpoint.position}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Checkpoint:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        tx_id, position = (int(part) for part in raw.split(":"))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest("malformed cursor") from None
+    if tx_id < 0 or position < 0:
+        raise InvalidRequest("malformed cursor")
+    return Checkpoint(tx_id, position)
+
+
+def _time(text: str, name: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(f"{name} is not an ISO 8601 time") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _now(state: session.SessionState, now: datetime, policy: session.Policy) -> PointInTime:
+    outcome = session.status(state, now, policy)
+    status = "valid" if outcome is session.Outcome.OK else outcome.value
+    return PointInTime(state.session_id, now, state, status, session.idle_for(state, now))
+
+
+def _user_sessions(request: Request, name: str, limit: int) -> list[session.SessionState]:
+    with request.app.state.pool.connection() as conn:
+        return user_sessions(conn, name, limit)
+
+
+def _streams_of(request: Request, user: str) -> list[str]:
+    with request.app.state.pool.connection() as conn:
+        rows = conn.execute("SELECT session_id FROM sessions WHERE user_name = %s", (user,))
+        return [f"{PRINCIPAL_PREFIX}{user}", *(f"{SESSION_PREFIX}{r[0]}" for r in rows)]
+
+
+def _alerts(request: Request, after: int, limit: int) -> list[dict[str, Any]]:
+    with request.app.state.pool.connection() as conn:
+        cursor = conn.execute(
+            "SELECT position, kind, occurred_at, user_name, session_id, ip, details FROM alerts"
+            " WHERE position > %s ORDER BY position LIMIT %s",
+            (after, limit),
+        )
+        columns = [c.name for c in cursor.description or ()]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor]
+    for row in rows:
+        row["occurred_at"] = format_timestamp(row["occurred_at"])
+    return rows

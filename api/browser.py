@@ -1,0 +1,247 @@
+"""Browser mode: the refresh token lives only in an HttpOnly cookie, the access token only in the
+page's memory, and every cookie-authenticated call must come from an allowed Origin and carry a
+custom header, which a cross-site page cannot add. The session rules are SessionService's, the
+same as at /oauth/token.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from api.accounts import Accounts, Client
+from api.errors import (
+    NO_STORE,
+    InvalidClient,
+    InvalidGrant,
+    InvalidRequest,
+    UnauthorizedClient,
+    oauth_error_body,
+)
+from api.forms import MAX_BODY_BYTES, MAX_FIELD_CHARS
+from api.routes import Info, Service
+from api.sessions import RequestInfo, SessionService, TokenGrant
+from api.settings import Settings
+from ledger.events import BrowserRequestRefused
+from ledger.store import EventStore, Stream
+
+router = APIRouter()
+
+REFRESH_COOKIE = "__Secure-ledger-refresh"
+# Browsers send the cookie only below this path: to /browser/refresh and /browser/logout (and to
+# /browser/login, which ignores it), never to the bearer endpoints, the demo or the scripts.
+COOKIE_PATH = "/browser"
+CUSTOM_HEADER = "X-Requested-With"
+JSON_TYPE = "application/json"
+REFUSAL_PREFIX = "browser-refusal:"
+
+
+class CrossSiteRequestRefused(InvalidRequest):
+    """A browser request without an allowed Origin or without the X-Requested-With header."""
+
+    status = 403
+
+
+class BrowserClientRefused(InvalidClient):
+    """The client_id names no public client; a page cannot keep a client secret."""
+
+    # RFC 6749 §5.2 allows 400 when no Authorization header was sent, and a 401 with a Basic
+    # challenge would make the browser ask its user for a password.
+    status = 400
+
+    def headers(self) -> dict[str, str]:
+        return dict(NO_STORE)
+
+
+async def _require_allowed_origin(request: Request, service: Service, info: Info) -> None:
+    """The CSRF defence of every cookie-authenticated endpoint (and of login, against login CSRF).
+
+    A cross-site form cannot set a custom header, and a cross-origin fetch that sets one needs a
+    CORS preflight this server never grants; Origin is checked as well, so that a page on a
+    sibling origin of the same site (which receives SameSite=Strict cookies) is refused too.
+    """
+    settings: Settings = request.app.state.settings
+    origin = request.headers.get("origin")
+    if origin is None or origin not in settings.browser_origins:
+        reason, description = "origin", "the request's Origin is missing or not allowed"
+    elif not request.headers.get(CUSTOM_HEADER, "").strip():
+        reason, description = "header", f"browser requests need the {CUSTOM_HEADER} header"
+    else:
+        return
+    await run_in_threadpool(_record_refusal, request, service, info, reason, origin)
+    raise CrossSiteRequestRefused(description)
+
+
+def _record_refusal(
+    request: Request, service: SessionService, info: RequestInfo, reason: str, origin: str | None
+) -> None:
+    event = BrowserRequestRefused(
+        occurred_at=service.clock(),
+        endpoint=request.url.path,
+        reason=reason,
+        origin=None if origin is None else origin[:200],
+    )
+    stream = Stream(f"{REFUSAL_PREFIX}{info.request_id}", "browser-refusal")
+    EventStore(request.app.state.pool).append(stream, 0, [event], info.metadata())
+
+
+ALLOWED_ORIGIN_ONLY = [Depends(_require_allowed_origin)]
+
+
+@router.post("/browser/login", dependencies=ALLOWED_ORIGIN_ONLY)
+async def login(request: Request, service: Service, info: Info) -> JSONResponse:
+    body = await _read_json(request)
+    username, password = _field(body, "username"), _field(body, "password")
+    scope = _optional_field(body, "scope")
+    client = await _public_client(request, _field(body, "client_id"), "password")
+    grant = await run_in_threadpool(service.login, username, password, client, scope, info)
+    return _granted(grant, service)
+
+
+@router.post("/browser/refresh", dependencies=ALLOWED_ORIGIN_ONLY)
+async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
+    body = await _read_json(request)
+    client = await _public_client(request, _field(body, "client_id"), "refresh_token")
+    token = request.cookies.get(REFRESH_COOKIE)
+    try:
+        if not token:
+            raise InvalidGrant("there is no browser session: the refresh cookie is missing")
+        grant = await run_in_threadpool(service.refresh, token, client, info)
+    except InvalidGrant as e:
+        refused = JSONResponse(
+            oauth_error_body(e.error, e.description), status_code=e.status, headers=e.headers()
+        )
+        _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser
+        return refused
+    return _granted(grant, service)
+
+
+@router.post("/browser/logout", status_code=204, dependencies=ALLOWED_ORIGIN_ONLY)
+async def logout(request: Request, service: Service, info: Info) -> Response:
+    body = await _read_json(request)
+    client = await _public_client(request, _field(body, "client_id"), None)
+    token = request.cookies.get(REFRESH_COOKIE)
+    if token:
+        await run_in_threadpool(service.revoke, token, "refresh_token", client, info)
+    response = Response(status_code=204, headers=NO_STORE)
+    _clear_cookie(response)
+    return response
+
+
+@router.get("/static/session-client.js", include_in_schema=False)
+async def session_client() -> Response:
+    return Response(
+        _static("session-client.js"),
+        media_type="text/javascript; charset=utf-8",
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+@router.get("/demo", include_in_schema=False)
+async def demo(request: Request) -> Response:
+    if not request.app.state.settings.demo:
+        raise HTTPException(status_code=404)
+    return Response(
+        _static("demo.html"),
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "frame-ancestors 'none'",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
+
+
+def _granted(grant: TokenGrant, service: SessionService) -> JSONResponse:
+    # SECURITY: the refresh token goes into the HttpOnly cookie and nowhere else; never add it
+    # to this body, where the page's scripts (and anything injected into them) could read it.
+    body = {
+        "access_token": grant.access_token,
+        "token_type": "Bearer",
+        "expires_in": grant.expires_in,
+        "scope": " ".join(grant.scope),
+        "idle_timeout": int(service.policy.idle_timeout.total_seconds()),
+    }
+    response = JSONResponse(body, headers=NO_STORE)
+    response.set_cookie(
+        REFRESH_COOKIE,
+        grant.refresh_token,
+        max_age=grant.session_expires_in,
+        path=COOKIE_PATH,
+        secure=True,
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+def _clear_cookie(response: Response) -> None:
+    # A __Secure- cookie is only replaced by one that is Secure too, on the same path.
+    response.delete_cookie(
+        REFRESH_COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"
+    )
+
+
+async def _public_client(request: Request, client_id: str, grant: str | None) -> Client:
+    accounts: Accounts = request.app.state.accounts
+    client = await run_in_threadpool(accounts.client, client_id)
+    if client is None or client.is_confidential:
+        raise BrowserClientRefused("browser mode needs a registered public client")
+    if grant is not None and grant not in client.grants:
+        raise UnauthorizedClient(f"this client may not use the {grant} grant")
+    return client
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != JSON_TYPE:
+        raise InvalidRequest(f"the request body must be {JSON_TYPE}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        value = json.loads(bytes(body), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("a key is repeated")
+    return value
+
+
+def _field(body: dict[str, Any], name: str) -> str:
+    value = _optional_field(body, name)
+    if value is None:
+        raise InvalidRequest(f"field {name!r} is missing")
+    return value
+
+
+def _optional_field(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"field {name!r} must be a non-empty string")
+    if len(value) > MAX_FIELD_CHARS:
+        raise InvalidRequest(f"field {name!r} is too long")
+    return value
+
+
+@functools.cache
+def _static(name: str) -> bytes:
+    return resources.files("api").joinpath("static", name).read_bytes()

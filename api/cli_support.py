@@ -1,0 +1,42 @@
+"""What every command shares: one-line failures with exit status 2, and the database in use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import typer
+
+from api.settings import Settings, SettingsError
+from ledger.db import apply_schema
+from ledger.embedded import start_embedded
+from ledger.errors import LedgerError
+
+
+@contextmanager
+def failures_exit_2() -> Iterator[None]:
+    """Report configuration and database failures as one line on stderr, exit status 2."""
+    try:
+        yield
+    except (SettingsError, LedgerError) as e:
+        typer.echo(f"session-ledger: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def database_url(settings: Settings, *, keep_embedded_running: bool = False) -> str:
+    """LEDGER_DATABASE_URL or the embedded server's URL (started if needed); schema applied."""
+    url = settings.database_url or start_embedded(
+        settings.data_dir, keep_running=keep_embedded_running
+    )
+    apply_schema(url)
+    return url
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 date or date and time; without a zone it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time (2026-03-01T14:03Z)") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -1,0 +1,117 @@
+"""GET /metrics in the Prometheus text format.
+
+Business counters come from the hourly_stats projection, so every worker reports the same totals
+(as current as the catch-up runner). Request latency is measured per process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from psycopg_pool import ConnectionPool
+
+from ledger.db import translated_errors
+from projections.catalog import CATCH_UP
+from projections.runner import lag
+
+router = APIRouter()
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TOTALS = """
+SELECT coalesce(sum(logins), 0), coalesce(sum(login_failures), 0), coalesce(sum(refreshes), 0),
+       coalesce(sum(reuse_detections), 0), coalesce(sum(revocations), 0),
+       coalesce(sum(idle_expiries), 0), coalesce(sum(absolute_expiries), 0)
+  FROM hourly_stats
+"""
+_COUNTERS = (
+    ("logins", "Successful logins."),
+    ("login_failures", "Failed login attempts."),
+    ("refreshes", "Refresh-token rotations."),
+    ("reuse_detections", "Rotated refresh tokens presented again (sessions revoked)."),
+    ("revocations", "Sessions ended by logout or revocation."),
+)
+
+
+class Latency:
+    """Request-duration histograms per route, method and status class."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str, str], list[float]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, f"{status // 100}xx")
+        with self._lock:
+            counts = self._series.setdefault(key, [0.0] * (len(BUCKETS) + 2))
+            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+            counts[-1] += seconds
+
+    def render(self) -> list[str]:
+        name = "session_ledger_http_request_duration_seconds"
+        lines = [f"# HELP {name} Time to answer HTTP requests.", f"# TYPE {name} histogram"]
+        with self._lock:
+            series = {key: list(counts) for key, counts in self._series.items()}
+        for (route, method, status), counts in sorted(series.items()):
+            labels = f'route="{route}",method="{method}",status="{status}"'
+            cumulative = 0.0
+            for bound, count in zip((*BUCKETS, "+Inf"), counts[:-1], strict=True):
+                cumulative += count
+                lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative:.0f}')
+            lines.append(f"{name}_sum{{{labels}}} {counts[-1]:.6f}")
+            lines.append(f"{name}_count{{{labels}}} {cumulative:.0f}")
+        return lines
+
+
+def install(app: FastAPI, latency: Latency) -> None:
+    """Measure every request (by route template, so ids do not make new series)."""
+
+    @app.middleware("http")
+    async def measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        latency.observe(
+            _route(request), request.method, response.status_code, time.perf_counter() - started
+        )
+        return response
+
+
+def _route(request: Request) -> str:
+    # Starlette's router records the route it chose in the scope: its template, not the path.
+    return str(getattr(request.scope.get("route"), "path", "unmatched"))
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    pool: ConnectionPool = request.app.state.pool
+    now = request.app.state.service.clock()
+    lines = await run_in_threadpool(_ledger_metrics, pool, now)
+    lines += request.app.state.latency.render()
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def _ledger_metrics(pool: ConnectionPool, now: datetime) -> list[str]:
+    with translated_errors(), pool.connection() as conn:
+        row = conn.execute(_TOTALS).fetchone()
+        lags = {p.name: lag(conn, p, now) for p in CATCH_UP}
+    totals = [int(v) for v in row] if row else [0] * 7
+    lines: list[str] = []
+    for (name, text), total in zip(_COUNTERS, totals, strict=False):
+        metric = f"session_ledger_{name}_total"
+        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} counter", f"{metric} {total}"]
+    metric = "session_ledger_expiries_total"
+    lines += [f"# HELP {metric} Sessions ended by a timeout.", f"# TYPE {metric} counter"]
+    lines += [f'{metric}{{kind="idle"}} {totals[5]}', f'{metric}{{kind="absolute"}} {totals[6]}']
+    for unit, text in (("events", "Events"), ("seconds", "Age of the oldest event")):
+        metric = f"session_ledger_projection_lag_{unit}"
+        lines += [f"# HELP {metric} {text} not yet applied.", f"# TYPE {metric} gauge"]
+        for name, behind in sorted(lags.items()):
+            value = behind.events if unit == "events" else behind.seconds
+            lines.append(f'{metric}{{projection="{name}"}} {value}')
+    return lines

@@ -1,0 +1,187 @@
+"""Rebuild a projection from events alone, into scratch tables, then swap or compare.
+
+The scratch tables are temporary tables of the rebuilding connection: an interrupted rebuild
+(Ctrl-C, a crash) loses them and leaves the live tables as they were. The swap replaces the live
+rows in one transaction that readers never see half done. While a catch-up projection is rebuilt,
+its runner is paused (the rebuild holds the runner's advisory lock); an inline projection's
+writers are held back only during the final catch-up and swap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from ledger.db import translated_errors
+from ledger.records import START, Checkpoint, RecordedEvent
+from ledger.store import EventStore
+from projections.catalog import Projection, Rebuilder
+from projections.runner import checkpoint, lock_key, set_checkpoint
+
+Connection = psycopg.Connection[TupleRow]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A row that differs between the live table and its rebuild (None: the row is missing)."""
+
+    table: str
+    key: tuple[Any, ...]
+    live: dict[str, Any] | None
+    rebuilt: dict[str, Any] | None
+
+    def __str__(self) -> str:
+        key = ", ".join(str(k) for k in self.key)
+        if self.live is None:
+            return f"{self.table} [{key}]: missing from the live table; rebuilt {self.rebuilt}"
+        if self.rebuilt is None:
+            return f"{self.table} [{key}]: not produced by the events; live {self.live}"
+        changed = {c: (v, self.rebuilt[c]) for c, v in self.live.items() if self.rebuilt[c] != v}
+        text = "; ".join(f"{c}: live {a!r}, rebuilt {b!r}" for c, (a, b) in changed.items())
+        return f"{self.table} [{key}]: {text}"
+
+
+def rebuild(
+    url: str,
+    store: EventStore,
+    projection: Projection,
+    *,
+    check: bool = False,
+    batch_size: int = 10_000,
+    progress: Progress | None = None,
+) -> list[Drift]:
+    """Replay every event into scratch tables; swap them in, or with `check` list the drift."""
+    with translated_errors(), psycopg.connect(url, autocommit=True) as conn:
+        if not projection.inline:
+            conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock_key(projection))
+        scratch = _scratch_tables(conn, projection)
+        stop = checkpoint(conn, projection.name) if check and not projection.inline else None
+        replay = _Replay(conn, store, _sink(conn, projection, scratch), batch_size)
+        replay.run(stop, _count(conn, stop), progress)
+        with conn.transaction():
+            if projection.inline:
+                _lock_writers_out(conn, projection)
+                replay.run(None, 0, None, visible=True)
+            elif stop is None:
+                replay.run(None, 0, None)
+            replay.sink.flush()
+            if check:
+                return _drift(conn, projection, scratch)
+            for table, copy in scratch.items():
+                conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} SELECT * FROM {}").format(
+                        sql.Identifier(table), sql.Identifier(copy)
+                    )
+                )
+            if not projection.inline:
+                set_checkpoint(conn, projection.name, replay.after)
+        return []
+
+
+def _scratch_tables(conn: Connection, projection: Projection) -> dict[str, str]:
+    scratch = {table: f"{table}_rebuild" for table in projection.tables}
+    for table, copy in scratch.items():
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING ALL)").format(
+                sql.Identifier(copy), sql.Identifier(table)
+            )
+        )
+    return scratch
+
+
+def _count(conn: Connection, stop: Checkpoint | None) -> int:
+    if stop is None:
+        row = conn.execute("SELECT count(*) FROM events").fetchone()
+    else:
+        row = conn.execute(
+            "SELECT count(*) FROM events WHERE (tx_id, position) <= (%s::text::xid8, %s::bigint)",
+            (str(stop.tx_id), stop.position),
+        ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+class _Batches:
+    """A rebuild sink that applies each batch with the projection's own apply."""
+
+    def __init__(self, conn: Connection, projection: Projection, scratch: dict[str, str]):
+        self._conn, self._projection, self._scratch = conn, projection, scratch
+
+    def apply(self, events: Sequence[RecordedEvent]) -> None:
+        if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+            self._projection.apply(self._conn, events, self._scratch)
+            return
+        with self._conn.transaction():
+            self._projection.apply(self._conn, events, self._scratch)
+
+    def flush(self) -> None:
+        pass  # every batch is written as it is applied
+
+
+def _sink(conn: Connection, projection: Projection, scratch: dict[str, str]) -> Rebuilder:
+    if projection.rebuilder is not None:
+        return projection.rebuilder(conn, scratch)
+    return _Batches(conn, projection, scratch)
+
+
+class _Replay:
+    """Reads events in the gap-safe order from a checkpoint on and feeds them to a sink."""
+
+    def __init__(self, conn: Connection, store: EventStore, sink: Rebuilder, batch_size: int):
+        self._conn, self._store, self.sink, self._batch_size = conn, store, sink, batch_size
+        self.after = START
+
+    def run(
+        self,
+        stop: Checkpoint | None,
+        total: int,
+        progress: Progress | None,
+        *,
+        visible: bool = False,
+    ) -> None:
+        done = 0
+        read = self._store.read_visible if visible else self._store.read_all
+        while events := read(self.after, self._batch_size, conn=self._conn):
+            if stop is not None:
+                events = [e for e in events if e.checkpoint <= stop]
+                if not events:
+                    return
+            self.sink.apply(events)
+            self.after = events[-1].checkpoint
+            done += len(events)
+            if progress is not None:
+                progress(done, total)
+
+
+def _lock_writers_out(conn: Connection, projection: Projection) -> None:
+    # EXCLUSIVE lets readers on but waits for, and then holds back, every writer of these rows.
+    for table in projection.tables:
+        conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(table)))
+
+
+def _drift(conn: Connection, projection: Projection, scratch: dict[str, str]) -> list[Drift]:
+    drift: list[Drift] = []
+    for table, keys in projection.tables.items():
+        live = _rows_only_in(conn, table, scratch[table], keys)
+        rebuilt = _rows_only_in(conn, scratch[table], table, keys)
+        for key in sorted(live.keys() | rebuilt.keys(), key=str):
+            drift.append(Drift(table, key, live.get(key), rebuilt.get(key)))
+    return drift
+
+
+def _rows_only_in(
+    conn: Connection, table: str, other: str, keys: tuple[str, ...]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    query = sql.SQL("SELECT * FROM {} EXCEPT SELECT * FROM {}").format(
+        sql.Identifier(table), sql.Identifier(other)
+    )
+    cursor = conn.execute(query)
+    columns = [c.name for c in cursor.description or ()]
+    rows = [dict(zip(columns, row, strict=True)) for row in cursor]
+    return {tuple(row[k] for k in keys): row for row in rows}

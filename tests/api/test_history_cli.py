@@ -1,0 +1,122 @@
+"""`project`, `rebuild` and `replay` as a user runs them, on history made through the API."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import jwt
+import psycopg
+import pytest
+
+from tests.api.conftest import LiveServer
+from tests.api.test_cli import run
+
+Admin = psycopg.Connection[tuple[object, ...]]
+
+
+def make_history(live: LiveServer) -> dict[str, str]:
+    """From 09:00: ada's first session is refreshed and revoked, bob's goes idle after 09:05,
+    ada's third is refreshed at 09:29; then a failed login of ada's at 09:40."""
+    first = live.login()
+    live.clock.advance(timedelta(minutes=5))
+    second = live.login(username="bob")
+    live.clock.advance(timedelta(minutes=5))
+    first = live.refresh(first["refresh_token"]).json()
+    live.post("/oauth/revoke", data={"token": first["refresh_token"], "client_id": "spa"})
+    third = live.login()
+    live.clock.advance(timedelta(minutes=19))
+    assert live.refresh(third["refresh_token"]).status_code == 200
+    live.clock.advance(timedelta(minutes=11))
+    live.post(
+        "/oauth/token",
+        data={"grant_type": "password", "client_id": "spa", "username": "ada", "password": "x"},
+    )
+    return {
+        name: jwt.decode(tokens["access_token"], options={"verify_signature": False})["sid"]
+        for name, tokens in (("first", first), ("second", second), ("third", third))
+    }
+
+
+def cli_env(live: LiveServer) -> dict[str, str]:
+    """The live server's database and session policy, for the command line."""
+    return {
+        "LEDGER_DATABASE_URL": live.settings.database_url or "",
+        "LEDGER_IDLE_TIMEOUT": "30m",
+        "LEDGER_ABSOLUTE_TIMEOUT": "2h",
+    }
+
+
+@pytest.fixture
+def history(live: LiveServer) -> dict[str, str]:
+    return make_history(live)
+
+
+def test_project_once_fills_the_catch_up_projections(
+    live: LiveServer, history: dict[str, str], admin: Admin
+) -> None:
+    result = run("project", "--once", env=cli_env(live))
+    assert result.returncode == 0, result.stderr
+    assert "user_summary:" in result.stdout
+    assert "0 behind" in result.stdout
+    rows = admin.execute(
+        "SELECT user_name, sessions_started, open_sessions, failures FROM user_summary"
+        " ORDER BY user_name"
+    ).fetchall()
+    assert rows == [("ada", 2, 1, 1), ("bob", 1, 1, 0)]
+    hourly = admin.execute("SELECT logins, refreshes, revocations FROM hourly_stats").fetchall()
+    assert hourly == [(3, 2, 1)]
+
+
+def test_rebuild_check_finds_a_row_changed_by_hand_and_rebuild_repairs_it(
+    live: LiveServer, history: dict[str, str], admin: Admin
+) -> None:
+    env = cli_env(live)
+    clean = run("rebuild", "--check", env=env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    admin.execute("UPDATE sessions SET generation = 7 WHERE session_id = %s", (history["third"],))
+    drifted = run("rebuild", "sessions", "--check", env=env)
+    assert drifted.returncode == 1
+    assert f"sessions [{history['third']}]: generation: live 7, rebuilt 2" in drifted.stdout
+    assert "9/9 events" in drifted.stderr  # the progress bar
+    repaired = run("rebuild", "sessions", env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert run("rebuild", "sessions", "--check", env=env).returncode == 0
+
+
+def test_rebuild_names_unknown_projections(live: LiveServer) -> None:
+    result = run("rebuild", "nope", env=cli_env(live))
+    assert result.returncode == 2
+    assert "unknown projection 'nope'" in result.stderr
+
+
+def test_replay_as_of_shows_a_session_through_its_life(
+    live: LiveServer, history: dict[str, str]
+) -> None:
+    env = cli_env(live)
+    sid = history["second"]  # bob logged in at 09:05 and went idle: 30 minutes later it ended
+
+    def at(time: str) -> str:
+        result = run("replay", "--as-of", time, "--session", sid, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "not started" in at("2026-03-01T09:04:00Z")
+    assert f"{sid}: valid; user bob; idle 300s; generation 1" in at("2026-03-01T09:10:00")
+    assert f"{sid}: valid; user bob; idle 1740s" in at("2026-03-01T09:34:00Z")
+    assert f"{sid}: idle_timeout" in at("2026-03-01T09:35:00Z")
+
+
+def test_replay_what_if(live: LiveServer, history: dict[str, str]) -> None:
+    env = cli_env(live)
+    same = run("replay", "--what-if", "idle=30m", env=env)
+    assert same.returncode == 0, same.stderr
+    assert "3 sessions replayed: 0 would have ended earlier, 0 later" in same.stdout
+    shorter = run("replay", "--what-if", "idle=20m", env=env)
+    # bob idled 30 minutes; the third session is still open: both would end 10 minutes sooner.
+    assert "2 would have ended earlier, 0 later" in shorter.stdout
+    assert f"earlier: {history['second']} (bob) actual idle_timeout" in shorter.stdout
+    assert f"earlier: {history['third']} (ada)" in shorter.stdout
+    assert history["first"] not in shorter.stdout  # it ended by logout after 10 minutes
+    bad = run("replay", "--what-if", "sleepy=5m", env=env)
+    assert bad.returncode == 2
+    assert "expected NAME=DURATION" in bad.stderr
