@@ -24,7 +24,7 @@ from api.errors import (
     UnauthorizedClient,
     oauth_error_body,
 )
-from api.forms import MAX_BODY_BYTES, MAX_FIELD_CHARS
+from api.forms import MAX_FIELD_CHARS, read_body
 from api.routes import Info, Service
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
@@ -200,16 +200,9 @@ async def _public_client(request: Request, client_id: str, grant: str | None) ->
 
 
 async def _read_json(request: Request) -> dict[str, Any]:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != JSON_TYPE:
-        raise InvalidRequest(f"the request body must be {JSON_TYPE}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise InvalidRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    body = await read_body(request, JSON_TYPE)
     try:
-        value = json.loads(bytes(body), object_pairs_hook=_unique_keys)
+        value = json.loads(body, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(value, dict):

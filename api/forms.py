@@ -19,15 +19,20 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 async def read_form(request: Request) -> dict[str, str]:
     """The request's form fields; anything malformed, repeated or oversized is invalid_request."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != FORM_TYPE:
-        raise InvalidRequest(f"the request body must be {FORM_TYPE}")
+    return parse_form(await read_body(request, FORM_TYPE))
+
+
+async def read_body(request: Request, content_type: str) -> bytes:
+    """The body of a request that must be of `content_type`, refused past MAX_BODY_BYTES."""
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if sent != content_type:
+        raise InvalidRequest(f"the request body must be {content_type}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise InvalidRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes")
-    return parse_form(bytes(body))
+    return bytes(body)
 
 
 def parse_form(body: bytes) -> dict[str, str]:

@@ -69,6 +69,16 @@ def _percentile(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
+def p99(latencies: list[float]) -> float:
+    """The 99th percentile as Figure.line prints it; infinite with fewer than two samples."""
+    return _percentile(latencies, 99) if len(latencies) >= 2 else float("inf")
+
+
+def target(is_met: bool, text: str) -> str:
+    """A verdict line: `met` or `MISSED`, then what was measured against what."""
+    return f"{'met   ' if is_met else 'MISSED'}  {text}"
+
+
 def _event(n: int) -> RefreshTokenRotated:
     return RefreshTokenRotated(
         occurred_at=T0 + timedelta(seconds=n),

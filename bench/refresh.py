@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from argon2 import PasswordHasher
 from psycopg_pool import ConnectionPool
 
 from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
-from bench.append import Figure, fresh_database
+from bench.append import Figure, fresh_database, p99, target
 from ledger.chain import GENESIS
 from ledger.db import open_pool
 from ledger.embedded import start_embedded, stop_embedded
@@ -491,31 +490,19 @@ def verdict(results: dict[str, list[Result]], levels: list[int]) -> list[str]:
     best = max(range(len(levels)), key=lambda n: ours[n].figure.rate)
     rate = ours[best].figure.rate
     lines = [
-        _target(rate >= 1000, f"≥ 1,000 refreshes/s: best {rate:,.0f}/s, {levels[best]} clients")
+        target(rate >= 1000, f"≥ 1,000 refreshes/s: best {rate:,.0f}/s, {levels[best]} clients")
     ]
     for n, level in enumerate(levels):
         raw = results["raw"][n].figure.rate
         share = ours[n].figure.rate / raw if raw else 0.0
-        lines.append(
-            _target(share >= 0.5, f"≥ 50% of raw PostgreSQL, {level} clients: {share:.0%}")
-        )
+        lines.append(target(share >= 0.5, f"≥ 50% of raw PostgreSQL, {level} clients: {share:.0%}"))
     if 16 in levels:
         latencies = ours[levels.index(16)].figure.latencies
-        p99 = _p99(latencies)
-        lines.append(_target(p99 < 0.025, f"p99 < 25 ms at 16 clients: {p99 * 1000:.1f} ms"))
+        slowest = p99(latencies)
+        lines.append(target(slowest < 0.025, f"p99 < 25 ms at 16 clients: {slowest * 1000:.1f} ms"))
     else:
         lines.append("not measured: p99 at 16 clients (16 is not in --levels)")
     return lines
-
-
-def _p99(latencies: list[float]) -> float:
-    if len(latencies) < 2:
-        return float("inf")
-    return statistics.quantiles(latencies, n=100, method="inclusive")[98]  # as Figure.line does
-
-
-def _target(is_met: bool, text: str) -> str:
-    return f"{'met   ' if is_met else 'MISSED'}  {text}"
 
 
 @contextmanager

@@ -89,6 +89,11 @@ def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}", serve_on(app, sock)
+
+
+def serve_on(app: Any, sock: socket.socket) -> Callable[[], None]:
+    """Run uvicorn in a thread on a socket bound by the caller; return a stop function."""
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -103,7 +108,7 @@ def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
         thread.join(timeout=30)
         sock.close()
 
-    return f"http://127.0.0.1:{port}", stop
+    return stop
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +16,6 @@ from typing import Any
 
 import pytest
 import requests
-import uvicorn
 from playwright.sync_api import (
     Browser,
     BrowserContext,
@@ -36,7 +33,7 @@ from api.browser import REFRESH_COOKIE
 from api.settings import Settings
 from ledger.clock import ManualClock
 from projections.session import Policy
-from tests.api.conftest import CHEAP_HASHER, PASSWORD, LiveServer
+from tests.api.conftest import CHEAP_HASHER, PASSWORD, LiveServer, serve_on
 
 CHROMIUM = Path("/usr/bin/chromium")
 expect.set_options(timeout=10_000)  # bounded waits for the page, generous on a loaded machine
@@ -67,25 +64,6 @@ def ledger_accounts(pool: ConnectionPool) -> Accounts:
     accounts.add_user("ada", PASSWORD, ("profile",))
     accounts.add_client("spa", None, ("password", "refresh_token"))
     return accounts
-
-
-def serve_on(app: Any, sock: socket.socket) -> Callable[[], None]:
-    """Run uvicorn on a socket bound by the caller (whose origin the settings needed first)."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # readiness, not timing: bounded by the deadline
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API server did not start")
-        time.sleep(0.01)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-    return stop
 
 
 @pytest.fixture
