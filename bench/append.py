@@ -34,6 +34,7 @@ from ledger.store import START, EventStore, ImportRecord, Stream
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 META = {"ip": "192.0.2.7", "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"}
+WHO = ',"ip":"192.0.2.7","user_agent":"Firefox/140.0"'  # RefreshTokenRotated's last fields
 RAW_INSERT = (
     "INSERT INTO events (stream_id, stream_type, version, type, schema_version, data, metadata,"
     " occurred_at, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -126,7 +127,7 @@ def bench_appends(store: EventStore, concurrency: int, total: int, tag: str) -> 
 
 def bench_raw_inserts(url: str, concurrency: int, total: int, tag: str) -> Figure:
     per_worker = total // concurrency
-    data = '{"generation":2,"refresh_token_hash":"' + "0" * 64 + '"}'
+    data = '{"generation":2,"refresh_token_hash":"' + "0" * 64 + '"' + WHO + "}"
     meta = '{"ip":"192.0.2.7","user_agent":"' + str(META["user_agent"]) + '"}'
 
     def work(worker: int) -> list[float]:
@@ -147,7 +148,12 @@ def bench_raw_inserts(url: str, concurrency: int, total: int, tag: str) -> Figur
 def _import_records(count: int, tag: str) -> Iterator[ImportRecord]:
     for n in range(count):
         stream, version = divmod(n, 20)
-        data: dict[str, JsonValue] = {"generation": version + 1, "refresh_token_hash": f"{n:064x}"}
+        data: dict[str, JsonValue] = {
+            "generation": version + 1,
+            "refresh_token_hash": f"{n:064x}",
+            "ip": "192.0.2.7",
+            "user_agent": "Firefox/140.0",
+        }
         yield ImportRecord(
             f"{tag}-{stream}", "session", version + 1, "RefreshTokenRotated", 1, T0, data, META
         )
@@ -169,7 +175,11 @@ def bench_raw_copy(url: str, count: int) -> Figure:
     with psycopg.connect(url) as conn, conn.cursor().copy(copy) as writer:
         for n in range(count):
             stream, version = divmod(n, 20)
-            data = '{"generation":' + str(version + 1) + ',"refresh_token_hash":"' + "0" * 64 + '"}'
+            data = (
+                ('{"generation":' + str(version + 1) + ',"refresh_token_hash":"' + "0" * 64 + '"')
+                + WHO
+                + "}"
+            )
             row = (f"rawbulk-{stream}", "session", version + 1, "RefreshTokenRotated", 1, data)
             writer.write_row((*row, meta, T0, GENESIS, GENESIS))
     return Figure("raw COPY of the same rows", count, _elapsed(started), [])

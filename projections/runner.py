@@ -105,12 +105,14 @@ class Runner:
         *,
         batch_size: int = 1000,
         poll_seconds: float = 1.0,
+        pause_seconds: float = 0.25,
     ) -> None:
         self._url = url
         self._store = EventStore(pool)
         self._projections = tuple(projections)
         self._batch_size = batch_size
         self._poll_seconds = poll_seconds
+        self._pause_seconds = pause_seconds
         self.stopping = threading.Event()
 
     def run_once(self, on_batch: Callable[[str, int], None] | None = None) -> dict[str, int]:
@@ -136,6 +138,9 @@ class Runner:
             conn.execute(f"LISTEN {CHANNEL}")
             while not self.stopping.is_set():
                 self._catch_up(conn, None)
+                # Under load every commit notifies: pausing between passes lets events gather
+                # into larger batches instead of costing a pass each.
+                self.stopping.wait(self._pause_seconds)
                 for _ in conn.notifies(timeout=self._poll_seconds, stop_after=1):
                     pass
 
