@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
-from api import audit, errors, metrics
+from api import audit, errors, metrics, openapi
 from api.accounts import PRODUCTION_HASHER, Accounts
 from api.browser import router as browser_router
 from api.keys import Sealer
@@ -60,7 +60,7 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(browser_router)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=openapi.HEALTH_RESPONSES)
     async def healthz() -> JSONResponse:
         reachable = await run_in_threadpool(_database_reachable, app.state.pool)
         status = 200 if reachable else 503

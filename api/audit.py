@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api import openapi as oas
 from api.errors import NO_STORE, BearerError, InvalidRequest, NotFound
 from api.routes import Caller, Service
 from ledger.events import registered_types
@@ -48,7 +49,9 @@ def _store(request: Request) -> EventStore:
 Store = Annotated[EventStore, Depends(_store)]
 
 
-@router.get("/sessions/{session_id}/events")
+@router.get(
+    "/sessions/{session_id}/events", openapi_extra=oas.BEARER, responses=oas.AUDIT_EVENTS_RESPONSES
+)
 async def session_events(session_id: str, auditor: Auditor, store: Store) -> JSONResponse:
     events = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
     if not events:
@@ -56,7 +59,9 @@ async def session_events(session_id: str, auditor: Auditor, store: Store) -> JSO
     return JSONResponse({"events": [event_body(e) for e in events]}, headers=NO_STORE)
 
 
-@router.get("/sessions/{session_id}")
+@router.get(
+    "/sessions/{session_id}", openapi_extra=oas.BEARER, responses=oas.AUDIT_SESSION_RESPONSES
+)
 async def session_as_of(
     session_id: str,
     auditor: Auditor,
@@ -72,7 +77,7 @@ async def session_as_of(
     return JSONResponse(point_in_time_body(view, service.policy), headers=NO_STORE)
 
 
-@router.get("/users/{name}/sessions")
+@router.get("/users/{name}/sessions", openapi_extra=oas.BEARER, responses=oas.AUDIT_USER_RESPONSES)
 async def users_sessions(
     name: str, auditor: Auditor, request: Request, service: Service, limit: Limit = 100
 ) -> JSONResponse:
@@ -82,7 +87,7 @@ async def users_sessions(
     return JSONResponse({"sessions": body}, headers=NO_STORE)
 
 
-@router.get("/events")
+@router.get("/events", openapi_extra=oas.BEARER, responses=oas.AUDIT_PAGE_RESPONSES)
 async def events(
     auditor: Auditor,
     request: Request,
@@ -115,7 +120,7 @@ async def events(
     return JSONResponse(body, headers=NO_STORE)
 
 
-@router.get("/alerts")
+@router.get("/alerts", openapi_extra=oas.BEARER, responses=oas.AUDIT_ALERTS_RESPONSES)
 async def alerts(
     auditor: Auditor, request: Request, after: int = 0, limit: Limit = 100
 ) -> JSONResponse:

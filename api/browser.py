@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api import openapi as oas
 from api.accounts import Accounts, Client
 from api.errors import (
     NO_STORE,
@@ -94,7 +95,12 @@ def _record_refusal(
 ALLOWED_ORIGIN_ONLY = [Depends(_require_allowed_origin)]
 
 
-@router.post("/browser/login", dependencies=ALLOWED_ORIGIN_ONLY)
+@router.post(
+    "/browser/login",
+    dependencies=ALLOWED_ORIGIN_ONLY,
+    openapi_extra=oas.BROWSER_LOGIN_REQUEST,
+    responses=oas.BROWSER_TOKEN_RESPONSES,
+)
 async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     body = await _read_json(request)
     username, password = _field(body, "username"), _field(body, "password")
@@ -104,7 +110,12 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     return _granted(grant, service)
 
 
-@router.post("/browser/refresh", dependencies=ALLOWED_ORIGIN_ONLY)
+@router.post(
+    "/browser/refresh",
+    dependencies=ALLOWED_ORIGIN_ONLY,
+    openapi_extra=oas.BROWSER_CLIENT_REQUEST,
+    responses=oas.BROWSER_TOKEN_RESPONSES,
+)
 async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
     body = await _read_json(request)
     client = await _public_client(request, _field(body, "client_id"), "refresh_token")
@@ -122,7 +133,13 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
     return _granted(grant, service)
 
 
-@router.post("/browser/logout", status_code=204, dependencies=ALLOWED_ORIGIN_ONLY)
+@router.post(
+    "/browser/logout",
+    status_code=204,
+    dependencies=ALLOWED_ORIGIN_ONLY,
+    openapi_extra=oas.BROWSER_CLIENT_REQUEST,
+    responses=oas.BROWSER_LOGOUT_RESPONSES,
+)
 async def logout(request: Request, service: Service, info: Info) -> Response:
     body = await _read_json(request)
     client = await _public_client(request, _field(body, "client_id"), None)
@@ -232,6 +249,8 @@ def _optional_field(body: dict[str, Any], name: str) -> str | None:
         raise InvalidRequest(f"field {name!r} must be a non-empty string")
     if len(value) > MAX_FIELD_CHARS:
         raise InvalidRequest(f"field {name!r} is too long")
+    if "\x00" in value:
+        raise InvalidRequest(f"field {name!r} contains a NUL character")
     return value
 
 

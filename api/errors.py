@@ -5,9 +5,11 @@ This module is the only place that knows the RFC error codes and their status co
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ledger.errors import DatabaseUnavailable
 
@@ -81,7 +83,19 @@ class NotFound(Exception):
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn these errors into RFC-shaped responses."""
+    """Register the handlers that turn these errors into RFC-shaped responses, and refuse NUL
+    characters in paths and query strings (PostgreSQL text cannot hold them)."""
+
+    @app.middleware("http")
+    async def refuse_nul(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        query = request.scope.get("query_string", b"").lower()
+        if "\x00" in request.scope.get("path", "") or b"%00" in query or b"\x00" in query:
+            body = oauth_error_body("invalid_request", "NUL characters are not allowed")
+            return JSONResponse(body, status_code=400, headers=NO_STORE)
+        return await call_next(request)
+
     app.add_exception_handler(OAuthError, _oauth_error)  # type: ignore[arg-type]
     app.add_exception_handler(BearerError, _bearer_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)

@@ -52,6 +52,8 @@ def parse_form(body: bytes) -> dict[str, str]:
             raise InvalidRequest(f"parameter {name!r} is repeated")
         if len(value) > MAX_FIELD_CHARS or len(name) > 64:
             raise InvalidRequest(f"parameter {name[:64]!r} is too long")
+        if "\x00" in name or "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise InvalidRequest("parameters may not contain NUL characters")
         form[name] = value
     return form
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 
+from api import openapi
 from ledger.db import translated_errors
 from projections.catalog import CATCH_UP
 from projections.runner import lag
@@ -87,7 +88,7 @@ def _route(request: Request) -> str:
     return str(getattr(request.scope.get("route"), "path", "unmatched"))
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
 async def metrics(request: Request) -> Response:
     pool: ConnectionPool = request.app.state.pool
     now = request.app.state.service.clock()

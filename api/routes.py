@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api import openapi as oas
 from api.accounts import GRANTS, Accounts, Client
 from api.errors import (
     NO_STORE,
@@ -46,7 +47,7 @@ Service = Annotated[SessionService, Depends(_service)]
 Info = Annotated[RequestInfo, Depends(_info)]
 
 
-@router.post("/oauth/token")
+@router.post("/oauth/token", openapi_extra=oas.TOKEN_REQUEST, responses=oas.TOKEN_RESPONSES)
 async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     form = await read_form(request)
     grant_type = required(form, "grant_type")
@@ -68,7 +69,12 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     return JSONResponse(_token_body(grant), headers=NO_STORE)
 
 
-@router.post("/oauth/revoke")
+@router.post(
+    "/oauth/revoke",
+    response_class=Response,
+    openapi_extra=oas.REVOKE_REQUEST,
+    responses=oas.REVOKE_RESPONSES,
+)
 async def revoke(request: Request, service: Service, info: Info) -> Response:
     form = await read_form(request)
     client = await _authenticate_client(request, form)
@@ -78,7 +84,9 @@ async def revoke(request: Request, service: Service, info: Info) -> Response:
     return Response(status_code=200, headers=NO_STORE)
 
 
-@router.post("/oauth/introspect")
+@router.post(
+    "/oauth/introspect", openapi_extra=oas.INTROSPECT_REQUEST, responses=oas.INTROSPECT_RESPONSES
+)
 async def introspect(request: Request, service: Service) -> JSONResponse:
     form = await read_form(request)
     client = await _authenticate_client(request, form)
@@ -89,7 +97,7 @@ async def introspect(request: Request, service: Service) -> JSONResponse:
     return JSONResponse(body, headers=NO_STORE)
 
 
-@router.get("/.well-known/oauth-authorization-server")
+@router.get("/.well-known/oauth-authorization-server", responses=oas.METADATA_RESPONSES)
 async def metadata(request: Request) -> JSONResponse:
     issuer = request.app.state.settings.issuer
     return JSONResponse(
@@ -119,7 +127,7 @@ async def metadata(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/.well-known/jwks.json")
+@router.get("/.well-known/jwks.json", responses=oas.JWKS_RESPONSES)
 async def jwks(service: Service) -> JSONResponse:
     keys = await run_in_threadpool(service.jwks)
     return JSONResponse(keys, headers={"Cache-Control": "public, max-age=60"})
@@ -139,13 +147,18 @@ async def _bearer(request: Request, service: Service) -> tuple[AccessClaims, Ses
 Caller = Annotated[tuple[AccessClaims, SessionState], Depends(_bearer)]
 
 
-@router.post("/sessions/current/activity", status_code=204)
+@router.post(
+    "/sessions/current/activity",
+    status_code=204,
+    openapi_extra=oas.BEARER,
+    responses=oas.NO_CONTENT_RESPONSES,
+)
 async def activity(caller: Caller, service: Service, info: Info) -> Response:
     await run_in_threadpool(service.record_activity, caller[1], info)
     return Response(status_code=204, headers=NO_STORE)
 
 
-@router.get("/sessions")
+@router.get("/sessions", openapi_extra=oas.BEARER, responses=oas.SESSIONS_RESPONSES)
 async def sessions(caller: Caller, service: Service) -> JSONResponse:
     claims, _ = caller
     states = await run_in_threadpool(service.list_sessions, claims.subject)
@@ -154,7 +167,12 @@ async def sessions(caller: Caller, service: Service) -> JSONResponse:
     return JSONResponse({"sessions": body}, headers=NO_STORE)
 
 
-@router.delete("/sessions/{session_id}", status_code=204)
+@router.delete(
+    "/sessions/{session_id}",
+    status_code=204,
+    openapi_extra=oas.BEARER,
+    responses=oas.END_SESSION_RESPONSES,
+)
 async def end_session(session_id: str, caller: Caller, service: Service, info: Info) -> Response:
     claims, _ = caller
     if not await run_in_threadpool(service.end_session, claims.subject, session_id, info):
@@ -162,7 +180,9 @@ async def end_session(session_id: str, caller: Caller, service: Service, info: I
     return Response(status_code=204, headers=NO_STORE)
 
 
-@router.delete("/sessions", status_code=204)
+@router.delete(
+    "/sessions", status_code=204, openapi_extra=oas.BEARER, responses=oas.NO_CONTENT_RESPONSES
+)
 async def end_all_sessions(caller: Caller, service: Service, info: Info) -> Response:
     claims, _ = caller
     await run_in_threadpool(service.end_all, claims.subject, info)

@@ -148,3 +148,23 @@ def test_parallel_failed_logins_of_a_new_name_queue_and_lock_it(live: LiveServer
     types = [e.type for e in events]
     assert types.count("LoginFailed") == 8
     assert types.count("PrincipalLocked") == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/audit/users/a%00b/sessions", "/audit/sessions/a%00b", "/audit/events?user=a%00b"],
+)
+def test_nul_in_a_path_or_query_is_400_not_500(live: LiveServer, path: str) -> None:
+    assert_oauth_error(live.get(path), 400, "invalid_request")
+
+
+def test_nul_in_form_or_json_fields_is_400_and_appends_nothing(live: LiveServer) -> None:
+    form = {**LOGIN, "username": "a\x00b"}
+    assert_oauth_error(live.post("/oauth/token", data=form), 400, "invalid_request")
+    browser = live.post(
+        "/browser/login",
+        json={"username": "a\x00b", "password": "x", "client_id": "spa"},
+        headers={"Origin": "https://ledger.test", "X-Requested-With": "test"},
+    )
+    assert_oauth_error(browser, 400, "invalid_request")
+    assert live.events() == []

@@ -1,0 +1,312 @@
+"""The OpenAPI contract the routes parse by hand: request bodies, response bodies, error responses.
+
+The OAuth and browser routes read their bodies themselves (api/forms.py, api/browser.py), so
+FastAPI cannot infer them; these tables are what the decorators attach as `openapi_extra=` and
+`responses=`, so that the served schema, the fuzzer and client generators see the real contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.forms import FORM_TYPE, MAX_FIELD_CHARS
+
+Schema = dict[str, Any]
+
+_STRING: Schema = {"type": "string", "maxLength": MAX_FIELD_CHARS}
+_NON_EMPTY: Schema = {**_STRING, "minLength": 1}
+_TIME: Schema = {"type": "string", "format": "date-time"}
+_NULLABLE_STRING: Schema = {"type": ["string", "null"]}
+
+ERROR: Schema = {
+    "type": "object",
+    "description": "RFC 6749 §5.2 / RFC 6750 §3 error",
+    "required": ["error", "error_description"],
+    "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+}
+_NO_STORE_HEADERS: Schema = {
+    "Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}},
+    "Pragma": {"schema": {"type": "string", "enum": ["no-cache"]}},
+}
+_CHALLENGE: Schema = {
+    "WWW-Authenticate": {"required": True, "schema": {"type": "string"}},
+    **_NO_STORE_HEADERS,
+}
+
+
+def _error(description: str, headers: Schema = _NO_STORE_HEADERS) -> Schema:
+    return {
+        "description": description,
+        "headers": headers,
+        "content": {"application/json": {"schema": ERROR}},
+    }
+
+
+def _json(description: str, schema: Schema) -> Schema:
+    return {
+        "description": description,
+        "headers": _NO_STORE_HEADERS,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _object(properties: Schema, required: list[str] | None = None) -> Schema:
+    return {"type": "object", "properties": properties, "required": required or []}
+
+
+_BAD_REQUEST = _error("invalid_request, invalid_grant, invalid_scope, unsupported_grant_type, …")
+_UNAVAILABLE = _error(
+    "temporarily_unavailable: the database cannot be reached",
+    {"Retry-After": {"required": True, "schema": {"type": "string"}}, **_NO_STORE_HEADERS},
+)
+# FastAPI would document a 422 for routes with parameters; the app answers 400 instead.
+_OTHER = _error("any other client error")
+
+OAUTH_ERRORS: dict[int | str, Schema] = {
+    400: _BAD_REQUEST,
+    401: _error("invalid_client, with a WWW-Authenticate challenge", _CHALLENGE),
+    503: _UNAVAILABLE,
+    "4XX": _OTHER,
+}
+BEARER_ERRORS: dict[int | str, Schema] = {
+    400: _BAD_REQUEST,
+    401: _error('RFC 6750: WWW-Authenticate: Bearer error="…"', _CHALLENGE),
+    503: _UNAVAILABLE,
+    "4XX": _OTHER,
+}
+AUDIT_ERRORS: dict[int | str, Schema] = {
+    **BEARER_ERRORS,
+    403: _error("insufficient_scope: the audit scope is required", _CHALLENGE),
+    404: _error("not_found: no such session"),
+}
+SESSION_ERRORS: dict[int | str, Schema] = {**BEARER_ERRORS, 404: _error("not_found")}
+BROWSER_ERRORS: dict[int | str, Schema] = {
+    400: _BAD_REQUEST,
+    403: _error("invalid_request: Origin not allowed or X-Requested-With missing"),
+    503: _UNAVAILABLE,
+    "4XX": _OTHER,
+}
+
+# -- request bodies -------------------------------------------------------------------------------
+
+_CLIENT_FIELDS: Schema = {
+    "client_id": {**_NON_EMPTY, "description": "public clients; or with client_secret"},
+    "client_secret": {**_STRING, "description": "client_secret_post (or use HTTP Basic)"},
+}
+_TOKEN_FIELDS: Schema = {
+    "grant_type": {"type": "string", "enum": ["password", "refresh_token"]},
+    "username": {**_NON_EMPTY, "description": "grant_type=password"},
+    "password": {**_NON_EMPTY, "description": "grant_type=password"},
+    "scope": {**_STRING, "description": "grant_type=password; space-separated"},
+    "refresh_token": {**_NON_EMPTY, "description": "grant_type=refresh_token"},
+    **_CLIENT_FIELDS,
+}
+_TOKEN_HINT: Schema = {"type": "string", "enum": ["access_token", "refresh_token"]}
+_REVOKE_FIELDS: Schema = {"token": _NON_EMPTY, "token_type_hint": _TOKEN_HINT, **_CLIENT_FIELDS}
+
+
+def _form(properties: Schema, required: list[str]) -> Schema:
+    schema = {**_object(properties, required), "additionalProperties": False}
+    return {"requestBody": {"required": True, "content": {FORM_TYPE: {"schema": schema}}}}
+
+
+def _browser_body(properties: Schema, required: list[str]) -> Schema:
+    schema = {**_object(properties, required), "additionalProperties": False}
+    body = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    origin = {"name": "Origin", "in": "header", "required": True, "schema": {"type": "string"}}
+    requested = {"name": "X-Requested-With", "in": "header", "required": True, "schema": _NON_EMPTY}
+    return {**body, "parameters": [origin, requested]}
+
+
+TOKEN_REQUEST = _form(_TOKEN_FIELDS, ["grant_type"])
+REVOKE_REQUEST = _form(_REVOKE_FIELDS, ["token"])
+INTROSPECT_REQUEST = _form(_REVOKE_FIELDS, ["token"])
+BROWSER_LOGIN_REQUEST = _browser_body(
+    {"client_id": _NON_EMPTY, "username": _NON_EMPTY, "password": _NON_EMPTY, "scope": _NON_EMPTY},
+    ["client_id", "username", "password"],
+)
+BROWSER_CLIENT_REQUEST = _browser_body({"client_id": _NON_EMPTY}, ["client_id"])
+BEARER = {
+    "parameters": [
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": True,
+            "description": "Bearer <access token> (RFC 6750 §2.1)",
+            "schema": {"type": "string", "pattern": "^Bearer [A-Za-z0-9._~+/-]+=*$"},
+        }
+    ]
+}
+
+# -- response bodies ------------------------------------------------------------------------------
+
+_TOKEN_BODY = {
+    "access_token": {"type": "string"},
+    "token_type": {"type": "string", "enum": ["Bearer"]},
+    "expires_in": {"type": "integer"},
+    "scope": {"type": "string"},
+}
+TOKEN_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "RFC 6749 §5.1 token response",
+        _object(
+            {**_TOKEN_BODY, "refresh_token": {"type": "string"}},
+            ["access_token", "token_type", "expires_in", "refresh_token", "scope"],
+        ),
+    ),
+    **OAUTH_ERRORS,
+}
+REVOKE_RESPONSES: dict[int | str, Schema] = {
+    200: {"description": "revoked, or the token was unknown (RFC 7009 §2.2)"},
+    **OAUTH_ERRORS,
+}
+_CLAIMS = ("sub", "sid", "client_id", "scope", "iss", "aud")
+INTROSPECT_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "RFC 7662 §2.2; only `active: false` when the token is not active",
+        _object(
+            {
+                "active": {"type": "boolean"},
+                "token_type": {"type": "string", "enum": ["access_token", "refresh_token"]},
+                "exp": {"type": "integer"},
+                "iat": {"type": "integer"},
+                **{claim: {"type": "string"} for claim in _CLAIMS},
+            },
+            ["active"],
+        ),
+    ),
+    **OAUTH_ERRORS,
+}
+BROWSER_TOKEN_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "the access token; the refresh token is in the HttpOnly cookie",
+        _object(
+            {**_TOKEN_BODY, "idle_timeout": {"type": "integer"}},
+            ["access_token", "token_type", "expires_in", "scope", "idle_timeout"],
+        ),
+    ),
+    **BROWSER_ERRORS,
+}
+BROWSER_LOGOUT_RESPONSES: dict[int | str, Schema] = {
+    204: {"description": "logged out; the refresh cookie is cleared"},
+    **BROWSER_ERRORS,
+}
+_SESSION = _object(
+    {
+        "id": {"type": "string"},
+        "client_id": {"type": "string"},
+        "started_at": _TIME,
+        "last_activity": _TIME,
+        "idle_expires_at": _TIME,
+        "absolute_expires_at": _TIME,
+        "ip": _NULLABLE_STRING,
+        "user_agent": _NULLABLE_STRING,
+        "current": {"type": "boolean"},
+    },
+    ["id", "client_id", "started_at", "last_activity", "current"],
+)
+SESSIONS_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "the caller's active sessions",
+        _object({"sessions": {"type": "array", "items": _SESSION}}, ["sessions"]),
+    ),
+    **BEARER_ERRORS,
+}
+NO_CONTENT_RESPONSES: dict[int | str, Schema] = {204: {"description": "done"}, **BEARER_ERRORS}
+END_SESSION_RESPONSES: dict[int | str, Schema] = {204: {"description": "ended"}, **SESSION_ERRORS}
+
+_EVENT = _object(
+    {
+        "position": {"type": "integer"},
+        "stream_id": {"type": "string"},
+        "version": {"type": "integer"},
+        "type": {"type": "string"},
+        "schema_version": {"type": "integer"},
+        "occurred_at": _TIME,
+        "recorded_at": _TIME,
+        "data": {"type": "object"},
+        "metadata": {"type": "object"},
+    },
+    ["position", "stream_id", "version", "type", "occurred_at", "data", "metadata"],
+)
+_POINT_IN_TIME = _object(
+    {
+        "session_id": {"type": "string"},
+        "as_of": _TIME,
+        "status": {"type": "string"},
+        "valid": {"type": "boolean"},
+        "end_reason": _NULLABLE_STRING,
+        "user": {"type": "string"},
+        "client_id": {"type": "string"},
+        "generation": {"type": "integer"},
+        "idle_seconds": {"type": "integer"},
+        "expires_at": _TIME,
+        "ended_at": {"type": ["string", "null"]},
+    },
+    ["session_id", "as_of", "status", "valid"],
+)
+_EVENTS = {"events": {"type": "array", "items": _EVENT}}
+AUDIT_EVENTS_RESPONSES: dict[int | str, Schema] = {
+    200: _json("the events, in order", _object(_EVENTS, ["events"])),
+    **AUDIT_ERRORS,
+}
+AUDIT_PAGE_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "one page; `next` is the cursor for the following page",
+        _object({**_EVENTS, "next": {"type": "string"}}, ["events", "next"]),
+    ),
+    **AUDIT_ERRORS,
+}
+AUDIT_SESSION_RESPONSES: dict[int | str, Schema] = {
+    200: _json("the session as it was at as_of", _POINT_IN_TIME),
+    **AUDIT_ERRORS,
+}
+AUDIT_USER_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "the user's sessions and their status now",
+        _object({"sessions": {"type": "array", "items": _POINT_IN_TIME}}, ["sessions"]),
+    ),
+    **AUDIT_ERRORS,
+}
+AUDIT_ALERTS_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "security alerts after the cursor",
+        _object({"alerts": {"type": "array", "items": {"type": "object"}}}, ["alerts"]),
+    ),
+    **AUDIT_ERRORS,
+}
+METRICS_RESPONSES: dict[int | str, Schema] = {
+    200: {
+        "description": "Prometheus text",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    503: _UNAVAILABLE,
+}
+_HEALTH = _object(
+    {"status": {"type": "string", "enum": ["ok", "unavailable"]}, "database": {"type": "boolean"}},
+    ["status", "database"],
+)
+HEALTH_RESPONSES: dict[int | str, Schema] = {
+    200: _json("PostgreSQL answers", _HEALTH),
+    503: _json("PostgreSQL does not answer", _HEALTH),
+}
+METADATA_RESPONSES: dict[int | str, Schema] = {
+    200: {
+        "description": "RFC 8414 authorization server metadata",
+        "content": {
+            "application/json": {"schema": _object({"issuer": {"type": "string"}}, ["issuer"])}
+        },
+    },
+}
+_JWK = _object({"kty": {"type": "string"}, "kid": {"type": "string"}}, ["kty", "kid"])
+JWKS_RESPONSES: dict[int | str, Schema] = {
+    200: {
+        "description": "RFC 7517 JWK set of the signing keys",
+        "content": {
+            "application/json": {
+                "schema": _object({"keys": {"type": "array", "items": _JWK}}, ["keys"])
+            }
+        },
+    },
+    503: _UNAVAILABLE,
+}
