@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -50,8 +51,6 @@ class Accounts:
     def __init__(self, pool: ConnectionPool, hasher: PasswordHasher = PRODUCTION_HASHER) -> None:
         self._pool = pool
         self._hasher = hasher
-        # Verifying against this when the user does not exist costs the same as a real check.
-        self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
 
     def add_user(self, name: str, password: str, scopes: tuple[str, ...] = ()) -> User:
         _check_name(name, "user name")
@@ -101,6 +100,12 @@ class Accounts:
                 prepare=True,
             ).fetchone()
         return None if row is None else Client(row[0], row[1], tuple(row[2]))
+
+    @functools.cached_property
+    def _dummy_hash(self) -> str:
+        # Verifying against this when the user does not exist costs the same as a real check;
+        # made on first need, so that commands which never verify do not pay for a hash.
+        return self._hasher.hash(secrets.token_urlsafe(16))
 
     def check_password(self, user: User | None, password: str) -> bool:
         """True when the password is the user's; as slow for an unknown user as for a known one."""

@@ -35,7 +35,9 @@ def create_app(
         pool = await run_in_threadpool(open_pool, database_url)
         runner: Runner | None = None
         try:
-            accounts = await run_in_threadpool(Accounts, pool, hasher)
+            accounts = Accounts(pool, hasher)
+            # The first unknown-user login must not be the one that pays for the stand-in hash.
+            await run_in_threadpool(accounts.check_password, None, "")
             sealer = Sealer(settings.key_encryption_key)
             app.state.pool = pool
             app.state.settings = settings

@@ -145,7 +145,7 @@ async def logout(request: Request, service: Service, info: Info) -> Response:
     client = await _public_client(request, _field(body, "client_id"), None)
     token = request.cookies.get(REFRESH_COOKIE)
     if token:
-        await run_in_threadpool(service.revoke, token, "refresh_token", client, info)
+        await run_in_threadpool(service.revoke, token, client, info)
     response = Response(status_code=204, headers=NO_STORE)
     _clear_cookie(response)
     return response

@@ -324,7 +324,8 @@ curl -s {base}/sessions -H "Authorization: Bearer $ACCESS"
 curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
      -d refresh_token="$REFRESH"
 
-# 4. Replaying the old refresh token now is theft: the session is revoked:
-curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
+# 4. Within 10 seconds (LEDGER_REFRESH_GRACE) the old token is taken for a retry and gets the
+#    same successor; after that, replaying it is theft and revokes the session:
+sleep 11; curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
      -d refresh_token="$REFRESH"
 """

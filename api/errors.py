@@ -5,11 +5,10 @@ This module is the only place that knows the RFC error codes and their status co
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ledger.errors import DatabaseUnavailable
 
@@ -86,16 +85,7 @@ def install(app: FastAPI) -> None:
     """Register the handlers that turn these errors into RFC-shaped responses, and refuse NUL
     characters in paths and query strings (PostgreSQL text cannot hold them)."""
 
-    @app.middleware("http")
-    async def refuse_nul(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        query = request.scope.get("query_string", b"").lower()
-        if "\x00" in request.scope.get("path", "") or b"%00" in query or b"\x00" in query:
-            body = oauth_error_body("invalid_request", "NUL characters are not allowed")
-            return JSONResponse(body, status_code=400, headers=NO_STORE)
-        return await call_next(request)
-
+    app.add_middleware(_RefuseNul)
     app.add_exception_handler(OAuthError, _oauth_error)  # type: ignore[arg-type]
     app.add_exception_handler(BearerError, _bearer_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)
@@ -105,6 +95,23 @@ def install(app: FastAPI) -> None:
 
 def oauth_error_body(error: str, description: str) -> dict[str, str]:
     return {"error": error, "error_description": description}
+
+
+class _RefuseNul:
+    """Answers 400 to a path or query string holding NUL, before any route sees it (plain ASGI,
+    so every other request pays one scan of its path and query and nothing more)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query = scope.get("query_string", b"").lower()
+            if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
+                body = oauth_error_body("invalid_request", "NUL characters are not allowed")
+                await JSONResponse(body, status_code=400, headers=NO_STORE)(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
 
 
 async def _oauth_error(request: Request, exc: OAuthError) -> JSONResponse:

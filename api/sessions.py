@@ -235,9 +235,13 @@ class SessionService:
 
     # -- revocation and introspection ---------------------------------------------------------
 
-    def revoke(self, token: str, hint: str | None, client: Client, info: RequestInfo) -> None:
-        """RFC 7009: end the token's session; unknown or foreign tokens are ignored."""
-        session_id = self._session_of(token, hint)
+    def revoke(self, token: str, client: Client, info: RequestInfo) -> None:
+        """RFC 7009: end the token's session; unknown or foreign tokens are ignored.
+
+        Both kinds of token are tried, so a token_type_hint is not needed (RFC 7009 §2.1 lets a
+        server ignore it).
+        """
+        session_id = self._session_of(token)
         if session_id is None:
             return
         with self._connection() as conn:
@@ -287,7 +291,7 @@ class SessionService:
             "aud": self._settings.audience,
         }
 
-    def _session_of(self, token: str, hint: str | None) -> str | None:
+    def _session_of(self, token: str) -> str | None:
         try:
             return parse_refresh_token(self._refresh_secret, token)[0]
         except InvalidToken:

@@ -27,7 +27,7 @@ from psycopg.conninfo import make_conninfo
 
 from ledger.chain import GENESIS
 from ledger.db import apply_schema, open_pool
-from ledger.embedded import start_embedded
+from ledger.embedded import start_embedded, stop_embedded
 from ledger.events import RefreshTokenRotated
 from ledger.serialization import JsonValue
 from ledger.store import START, EventStore, ImportRecord, Stream
@@ -225,12 +225,18 @@ def fresh_database(server_url: str) -> Iterator[str]:
 
 
 @contextmanager
-def server(url: str | None) -> Iterator[str]:
+def postgres(url: str | None) -> Iterator[str]:
+    """The given server, or an embedded one in a temporary directory, stopped before it goes."""
     if url:
         yield url
         return
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
-        yield start_embedded(Path(tmp) / "pgdata")
+        data_dir = Path(tmp) / "pgdata"
+        try:
+            yield start_embedded(data_dir)
+        finally:
+            # pgserver would stop it only at exit, once the directory is gone and pg_ctl cannot.
+            stop_embedded(data_dir)
 
 
 def main() -> None:
@@ -240,7 +246,7 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=200_000, help="events for the bulk import")
     args = parser.parse_args()
 
-    with server(args.url) as server_url, fresh_database(server_url) as url:
+    with postgres(args.url) as server_url, fresh_database(server_url) as url:
         version = psycopg.connect(url).info.server_version
         print(f"PostgreSQL {version // 10000}.{version % 10000}, {os.cpu_count()} cores")
         with open_pool(url, min_size=8, max_size=8) as pool:

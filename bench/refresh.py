@@ -38,10 +38,9 @@ from argon2 import PasswordHasher
 from psycopg_pool import ConnectionPool
 
 from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
-from bench.append import Figure, fresh_database, p99, target
+from bench.append import Figure, fresh_database, p99, postgres, target
 from ledger.chain import GENESIS
 from ledger.db import open_pool
-from ledger.embedded import start_embedded, stop_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT, PASSWORD, FAST_USER = "bench-spa", "bench-password", "bench-fast"
@@ -503,21 +502,6 @@ def verdict(results: dict[str, list[Result]], levels: list[int]) -> list[str]:
     else:
         lines.append("not measured: p99 at 16 clients (16 is not in --levels)")
     return lines
-
-
-@contextmanager
-def postgres(url: str | None) -> Iterator[str]:
-    """The given server, or an embedded one in a temporary directory, stopped before it goes."""
-    if url:
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
-        data_dir = Path(tmp) / "pgdata"
-        try:
-            yield start_embedded(data_dir)
-        finally:
-            # pgserver would stop it only at exit, once the directory is gone and pg_ctl cannot.
-            stop_embedded(data_dir)
 
 
 def main() -> None:

@@ -18,18 +18,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from bench.append import Figure, fresh_database, p99, target
+from bench.append import Figure, fresh_database, p99, postgres, target
 from bench.generate import History, generate
 from ledger.db import open_pool
-from ledger.embedded import start_embedded, stop_embedded
 from ledger.export import ExportFormat, export_events
 from ledger.store import EventStore
 from projections.catalog import CATCH_UP, PROJECTIONS
@@ -173,20 +170,6 @@ def _describe(history: History) -> str:
         f" {len(history.sessions):,} sessions ({endings}), {len(history.principals):,} principals"
         f" ({counts['LoginFailed']:,} failed logins, {counts['PrincipalLocked']:,} locks)"
     )
-
-
-@contextmanager
-def postgres(url: str | None) -> Iterator[str]:
-    """The given server, or an embedded one in a temporary directory, stopped before it goes."""
-    if url:
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
-        data_dir = Path(tmp) / "pgdata"
-        try:
-            yield start_embedded(data_dir)
-        finally:
-            stop_embedded(data_dir)  # pgserver would try at exit, once the directory is gone
 
 
 def run(url: str, args: argparse.Namespace) -> Results:

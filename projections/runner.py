@@ -60,8 +60,13 @@ def lock_key(projection: Projection) -> tuple[int, str]:
 
 
 def checkpoint(conn: Connection, name: str, *, for_update: bool = False) -> Checkpoint:
-    """The projection's stored checkpoint (START before its first batch)."""
-    conn.execute(_ENSURE, (name,))
+    """The projection's stored checkpoint (START before its first batch).
+
+    `for_update` creates the row if needed, so that there is a row to lock; a plain read (lag,
+    metrics) writes nothing.
+    """
+    if for_update:
+        conn.execute(_ENSURE, (name,))
     query = _CHECKPOINT if for_update else _CHECKPOINT.removesuffix(" FOR UPDATE")
     row = conn.execute(query, (name,)).fetchone()
     return START if row is None else Checkpoint(int(row[0]), int(row[1]))

@@ -20,7 +20,7 @@ from api.accounts import Accounts
 from api.app import create_app
 from api.settings import Settings
 from ledger.clock import ManualClock
-from ledger.store import START, EventStore, RecordedEvent
+from ledger.store import EventStore, RecordedEvent
 from projections.session import Policy
 
 # Cheap argon2id parameters keep the suite fast; verification cost follows the stored hash.
@@ -49,12 +49,7 @@ class LiveServer:
 
     def events(self, stream_prefix: str = "") -> list[RecordedEvent]:
         """Every event in the ledger (optionally of streams starting with a prefix)."""
-        store = EventStore(self.pool)
-        events: list[RecordedEvent] = []
-        after = START
-        while batch := store.read_all(after, 1000):
-            events += batch
-            after = batch[-1].checkpoint
+        events = EventStore(self.pool).iter_all()
         return [e for e in events if e.stream_id.startswith(stream_prefix)]
 
     def types(self, stream_prefix: str = "session:") -> list[str]:

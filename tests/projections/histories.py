@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from ledger.clock import ManualClock
 from ledger.events import Event
-from ledger.records import START, RecordedEvent
+from ledger.records import RecordedEvent
 from ledger.store import EventStore, Stream
 from projections import principal, session
 from projections.catalog import Projection
@@ -282,12 +282,7 @@ def _login(writer: Writer, user: str, ip: str = "192.0.2.1") -> str:
 
 def all_events(store: EventStore, batch: int = 1000) -> list[RecordedEvent]:
     """Every committed event, in the gap-safe order."""
-    events: list[RecordedEvent] = []
-    after = START
-    while chunk := store.read_all(after, batch):
-        events.extend(chunk)
-        after = chunk[-1].checkpoint
-    return events
+    return list(store.iter_all(page=batch))
 
 
 def stream_events(store: EventStore, session_id: str) -> list[Event]:
