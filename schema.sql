@@ -175,6 +175,13 @@ CREATE TABLE IF NOT EXISTS address_failures (
     alerted_until timestamptz
 );
 
+-- The per-address login rate limit (api/throttle.py): when each address's bucket is full again.
+-- Not an event log: rows are replaced on every attempt and deleted once their time has passed.
+CREATE TABLE IF NOT EXISTS login_throttle (
+    address text        PRIMARY KEY,
+    tat     timestamptz NOT NULL
+);
+
 -- Wakes catch-up runners (LISTEN ledger_events); they also poll, so a lost wake-up only delays.
 CREATE OR REPLACE FUNCTION events_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -213,6 +220,7 @@ BEGIN
         GRANT SELECT, INSERT, UPDATE, DELETE ON projection_checkpoints, user_summary,
             hourly_stats, alerts, address_failures TO session_ledger_runtime;
         GRANT SELECT ON hourly_report TO session_ledger_runtime;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON login_throttle TO session_ledger_runtime;
     END IF;
 END
 $$;

@@ -18,7 +18,7 @@ from api.routes import router
 from api.sessions import SessionService
 from api.settings import Settings
 from ledger.clock import Clock, SystemClock
-from ledger.db import open_pool, translated_errors
+from ledger.db import RUNTIME_ROLE, open_pool, translated_errors
 from ledger.errors import LedgerError
 from projections.runner import Runner
 
@@ -32,7 +32,7 @@ def create_app(
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await run_in_threadpool(open_pool, database_url)
+        pool = await run_in_threadpool(lambda: open_pool(database_url, role=RUNTIME_ROLE))
         runner: Runner | None = None
         try:
             accounts = Accounts(pool, hasher)
@@ -83,7 +83,7 @@ def app_from_env() -> FastAPI:
 def _start_runner(url: str, pool: ConnectionPool) -> Runner:
     """Keep the catch-up projections current from this process (one runner per projection is
     active across all processes; the others stand by)."""
-    runner = Runner(url, pool)
+    runner = Runner(url, pool, role=RUNTIME_ROLE)
     threading.Thread(target=runner.run, name="projection-runner", daemon=True).start()
     return runner
 

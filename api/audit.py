@@ -40,6 +40,7 @@ async def _auditor(caller: Caller) -> str:
 
 Auditor = Annotated[str, Depends(_auditor)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+Version = Annotated[int, Query(ge=0, le=2**31 - 1)]
 
 
 def _store(request: Request) -> EventStore:
@@ -52,11 +53,18 @@ Store = Annotated[EventStore, Depends(_store)]
 @router.get(
     "/sessions/{session_id}/events", openapi_extra=oas.BEARER, responses=oas.AUDIT_EVENTS_RESPONSES
 )
-async def session_events(session_id: str, auditor: Auditor, store: Store) -> JSONResponse:
-    events = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
-    if not events:
+async def session_events(
+    session_id: str, auditor: Auditor, store: Store, after: Version = 0, limit: Limit = MAX_LIMIT
+) -> JSONResponse:
+    stream = f"{SESSION_PREFIX}{session_id}"
+    events = await run_in_threadpool(store.read_stream, stream, after + 1, limit)
+    if not events and after == 0:
         raise NotFound(session_id)
-    return JSONResponse({"events": [event_body(e) for e in events]}, headers=NO_STORE)
+    body = {
+        "events": [event_body(e) for e in events],
+        "next": events[-1].version if events else after,
+    }
+    return JSONResponse(body, headers=NO_STORE)
 
 
 @router.get(

@@ -21,7 +21,7 @@ from api.history_cli import history
 from api.keys import Sealer, rotate_keys
 from api.progress import ProgressBar
 from api.settings import Settings
-from ledger.db import open_pool
+from ledger.db import RUNTIME_ROLE, check_role, open_pool
 from ledger.embedded import stop_embedded
 from ledger.errors import InvalidImport, SerializationError
 from ledger.export import ExportFilter, ExportFormat, export_events, import_jsonl
@@ -177,10 +177,12 @@ def serve(
         bool, typer.Option(help="Create a demo user and client if absent; print a walk-through.")
     ] = False,
 ) -> None:
-    """Run the HTTP API (on the embedded PostgreSQL unless LEDGER_DATABASE_URL is set)."""
+    """Run the HTTP API (on the embedded PostgreSQL unless LEDGER_DATABASE_URL is set); it acts
+    as the least-privilege role session_ledger_runtime."""
     with _failures_exit_2():
         settings = Settings.from_env()
         url = _database_url(settings)
+        check_role(url, RUNTIME_ROLE)  # the workers act as it; say why now if they cannot
         if demo:
             with open_pool(url, max_size=1) as pool:
                 _create_demo_accounts(Accounts(pool))

@@ -5,6 +5,9 @@ This module is the only place that knows the RFC error codes and their status co
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -67,6 +70,21 @@ class InvalidClient(OAuthError):
         return {**NO_STORE, "WWW-Authenticate": 'Basic realm="session-ledger"'}
 
 
+class SlowDown(OAuthError):
+    """Too many attempts from one address: 429 with Retry-After (the `slow_down` code RFC 8628
+    registers for token endpoint responses)."""
+
+    status = 429
+    error = "slow_down"
+
+    def __init__(self, description: str, retry_after: timedelta) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {**NO_STORE, "Retry-After": str(max(1, math.ceil(self.retry_after.total_seconds())))}
+
+
 class BearerError(Exception):
     """A bearer-authenticated call without a usable access token (RFC 6750 §3.1)."""
 
@@ -82,10 +100,11 @@ class NotFound(Exception):
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn these errors into RFC-shaped responses, and refuse NUL
-    characters in paths and query strings (PostgreSQL text cannot hold them)."""
+    """Register the handlers that turn these errors into RFC-shaped responses, and refuse
+    oversized request targets and headers and NUL characters in paths and query strings
+    (PostgreSQL text cannot hold them)."""
 
-    app.add_middleware(_RefuseNul)
+    app.add_middleware(_RequestGuard)
     app.add_exception_handler(OAuthError, _oauth_error)  # type: ignore[arg-type]
     app.add_exception_handler(BearerError, _bearer_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)
@@ -97,21 +116,42 @@ def oauth_error_body(error: str, description: str) -> dict[str, str]:
     return {"error": error, "error_description": description}
 
 
-class _RefuseNul:
-    """Answers 400 to a path or query string holding NUL, before any route sees it (plain ASGI,
-    so every other request pays one scan of its path and query and nothing more)."""
+MAX_TARGET_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 64
+
+
+class _RequestGuard:
+    """Refuses, before any route sees it, a request whose path and query exceed
+    MAX_TARGET_BYTES (414), whose headers exceed MAX_HEADERS or MAX_HEADER_BYTES in all (431), or
+    whose path or query holds NUL (400). Plain ASGI: other requests pay a few sums and scans."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            query = scope.get("query_string", b"").lower()
-            if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
-                body = oauth_error_body("invalid_request", "NUL characters are not allowed")
-                await JSONResponse(body, status_code=400, headers=NO_STORE)(scope, receive, send)
-                return
-        await self._app(scope, receive, send)
+        refusal = _refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self._app(scope, receive, send)
+            return
+        status, description = refusal
+        body = oauth_error_body("invalid_request", description)
+        await JSONResponse(body, status_code=status, headers=NO_STORE)(scope, receive, send)
+
+
+def _refusal(scope: Scope) -> tuple[int, str] | None:
+    path, query = scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b"")
+    if len(path) + len(query) > MAX_TARGET_BYTES:
+        return 414, f"the request target exceeds {MAX_TARGET_BYTES} bytes"
+    headers = scope["headers"]
+    if len(headers) > MAX_HEADERS:
+        return 431, f"more than {MAX_HEADERS} request headers"
+    if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
+        return 431, f"the request headers exceed {MAX_HEADER_BYTES} bytes"
+    lowered = query.lower()
+    if "\x00" in scope["path"] or b"%00" in lowered or b"\x00" in lowered:
+        return 400, "NUL characters are not allowed"
+    return None
 
 
 async def _oauth_error(request: Request, exc: OAuthError) -> JSONResponse:

@@ -55,10 +55,12 @@ def _object(properties: Schema, required: list[str] | None = None) -> Schema:
 
 
 _BAD_REQUEST = _error("invalid_request, invalid_grant, invalid_scope, unsupported_grant_type, …")
-_UNAVAILABLE = _error(
-    "temporarily_unavailable: the database cannot be reached",
-    {"Retry-After": {"required": True, "schema": {"type": "string"}}, **_NO_STORE_HEADERS},
-)
+_RETRY_AFTER: Schema = {
+    "Retry-After": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    **_NO_STORE_HEADERS,
+}
+_UNAVAILABLE = _error("temporarily_unavailable: the database cannot be reached", _RETRY_AFTER)
+_SLOW_DOWN = _error("slow_down: too many login attempts from this address", _RETRY_AFTER)
 # FastAPI would document a 422 for routes with parameters; the app answers 400 instead.
 _OTHER = _error("any other client error")
 
@@ -155,6 +157,7 @@ TOKEN_RESPONSES: dict[int | str, Schema] = {
         ),
     ),
     **OAUTH_ERRORS,
+    429: _SLOW_DOWN,
 }
 REVOKE_RESPONSES: dict[int | str, Schema] = {
     200: {"description": "revoked, or the token was unknown (RFC 7009 §2.2)"},
@@ -186,6 +189,7 @@ BROWSER_TOKEN_RESPONSES: dict[int | str, Schema] = {
         ),
     ),
     **BROWSER_ERRORS,
+    429: _SLOW_DOWN,
 }
 BROWSER_LOGOUT_RESPONSES: dict[int | str, Schema] = {
     204: {"description": "logged out; the refresh cookie is cleared"},
@@ -247,7 +251,10 @@ _POINT_IN_TIME = _object(
 )
 _EVENTS = {"events": {"type": "array", "items": _EVENT}}
 AUDIT_EVENTS_RESPONSES: dict[int | str, Schema] = {
-    200: _json("the events, in order", _object(_EVENTS, ["events"])),
+    200: _json(
+        "up to `limit` events in version order; `next` is the `after` of the following page",
+        _object({**_EVENTS, "next": {"type": "integer"}}, ["events", "next"]),
+    ),
     **AUDIT_ERRORS,
 }
 AUDIT_PAGE_RESPONSES: dict[int | str, Schema] = {

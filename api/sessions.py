@@ -21,6 +21,7 @@ from api.accounts import Accounts, Client
 from api.errors import InvalidGrant, InvalidScope
 from api.keys import KeyRing, Sealer, load_keyring, load_refresh_secret
 from api.settings import Settings
+from api.throttle import AddressThrottle
 from api.tokens import (
     AccessClaims,
     InvalidToken,
@@ -108,6 +109,7 @@ class SessionService:
         self._keyring = load_keyring(pool, sealer, clock())
         self._keys_loaded = time.monotonic()
         self._keys_lock = threading.Lock()
+        self._throttle = AddressThrottle(pool, settings.address_logins)
 
     @property
     def policy(self) -> session.Policy:
@@ -134,6 +136,7 @@ class SessionService:
     def login(
         self, username: str, password: str, client: Client, scope: str | None, info: RequestInfo
     ) -> TokenGrant:
+        self._throttle.take(info.ip, self.clock())
         user = self._accounts.user(username)
         refusal = None
         with self._transaction() as conn:

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from api.throttle import RateLimit
 from projections.principal import MAX_TRACKED_FAILURES, LockoutPolicy
 from projections.session import Policy, parse_duration
 
 DEFAULT_DATA_DIR = Path(".session-ledger/pgdata")
+MAX_ADDRESS_LOGIN_LIMIT = 1_000_000
 _ORIGIN = re.compile(
     r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?"
     r"(?P<path>/[^\s?#]*)?",
@@ -40,6 +42,9 @@ class Settings:
     LEDGER_REFRESH_GRACE, LEDGER_ACTIVITY_DEBOUNCE, LEDGER_REFRESH_COUNTS_AS_ACTIVITY)."""
     lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     """Failed-login lockout (LEDGER_LOGIN_MAX_FAILURES, LEDGER_LOGIN_FAILURE_WINDOW)."""
+    address_logins: RateLimit = field(default_factory=RateLimit)
+    """Login attempts per client address (LEDGER_ADDRESS_LOGIN_LIMIT at once, refilling at that
+    many per LEDGER_ADDRESS_LOGIN_WINDOW)."""
     key_encryption_key: str | None = field(default=None, repr=False)
     """Passphrase sealing private keys at rest (LEDGER_KEY_ENCRYPTION_KEY); None stores them
     unsealed."""
@@ -67,7 +72,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        defaults, lockout = Policy(), LockoutPolicy()
+        defaults, lockout, per_address = Policy(), LockoutPolicy(), RateLimit()
         policy = Policy(
             access_token_ttl=_duration(env, "LEDGER_ACCESS_TOKEN_TTL", defaults.access_token_ttl),
             idle_timeout=_duration(env, "LEDGER_IDLE_TIMEOUT", defaults.idle_timeout),
@@ -85,8 +90,16 @@ class Settings:
             audience=_optional_text(env, "LEDGER_AUDIENCE") or cls.audience,
             policy=policy,
             lockout=LockoutPolicy(
-                max_failures=_count(env, "LEDGER_LOGIN_MAX_FAILURES", lockout.max_failures),
+                max_failures=_count(
+                    env, "LEDGER_LOGIN_MAX_FAILURES", lockout.max_failures, MAX_TRACKED_FAILURES
+                ),
                 window=_duration(env, "LEDGER_LOGIN_FAILURE_WINDOW", lockout.window),
+            ),
+            address_logins=RateLimit(
+                limit=_count(
+                    env, "LEDGER_ADDRESS_LOGIN_LIMIT", per_address.limit, MAX_ADDRESS_LOGIN_LIMIT
+                ),
+                window=_duration(env, "LEDGER_ADDRESS_LOGIN_WINDOW", per_address.window),
             ),
             key_encryption_key=_optional_text(env, "LEDGER_KEY_ENCRYPTION_KEY"),
             run_projections=_flag(env, "LEDGER_RUN_PROJECTIONS", True),
@@ -132,12 +145,12 @@ def _duration(
     return value
 
 
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
+def _count(env: Mapping[str, str], name: str, default: int, most: int) -> int:
     text = _optional_text(env, name)
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= MAX_TRACKED_FAILURES:
-        raise SettingsError(f"{name} must be a whole number from 1 to {MAX_TRACKED_FAILURES}")
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise SettingsError(f"{name} must be a whole number from 1 to {most}")
     return int(text)
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
 
 SCHEMA_VERSION = 1
+RUNTIME_ROLE = "session_ledger_runtime"
+"""The least-privilege role schema.sql creates; the server acts as it (SET ROLE) at run time."""
+RECONNECT_SECONDS = 5.0
+"""How long the pool retries one failed reconnection before giving it up to the next request."""
+FAIL_FAST_SECONDS = 0.5
+"""How long a request waits for a connection while the server is known to be unreachable."""
 
 
 @contextmanager
@@ -42,13 +49,48 @@ def apply_schema(url: str) -> None:
         raise StorageError(f"database schema version is {found}; this code needs {SCHEMA_VERSION}")
 
 
+def connect(url: str, *, role: str | None = None) -> psycopg.Connection[tuple[object, ...]]:
+    """An autocommit connection that acts as `role` (SET ROLE) when one is given."""
+    conn = psycopg.connect(url, autocommit=True)
+    if role is not None:
+        try:
+            _set_role(conn, role)
+        except psycopg.Error:
+            conn.close()
+            raise
+    return conn
+
+
+def check_role(url: str, role: str) -> None:
+    """Raise StorageError, saying what to do, unless the URL's user may act as `role`."""
+    with translated_errors(), psycopg.connect(url, autocommit=True) as conn:
+        try:
+            _set_role(conn, role)
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise StorageError(
+                f"the database user may not act as {role} ({_first_line(e)}); "
+                f"as a superuser run: GRANT {role} TO <the service's login role>"
+            ) from None
+        except psycopg.errors.InvalidParameterValue:
+            raise StorageError(
+                f"role {role} does not exist; as a superuser run: CREATE ROLE {role} NOLOGIN, "
+                "then start the service again so the schema grants it its privileges"
+            ) from None
+
+
 def open_pool(
-    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
-) -> ConnectionPool:
-    """Open a connection pool and wait until it holds a working connection."""
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 10.0,
+    role: str | None = None,
+) -> LedgerPool:
+    """Open a connection pool and wait until it holds a working connection; with `role`, every
+    connection acts as that role (SET ROLE)."""
     # Autocommit: a single-statement append or read needs no BEGIN/COMMIT round trips; code
     # that needs several statements in one transaction opens one with conn.transaction().
-    pool = ConnectionPool(
+    pool = LedgerPool(
         url,
         min_size=min_size,
         max_size=max_size,
@@ -56,6 +98,11 @@ def open_pool(
         open=False,
         name="ledger",
         kwargs={"autocommit": True},
+        configure=None if role is None else lambda conn: _set_role(conn, role),
+        # A failing reconnection backs off (1 s, 2 s, 4 s, ...); giving it up after a few
+        # seconds lets the next waiting request start afresh, so recovery after an outage takes
+        # seconds however long the outage was.
+        reconnect_timeout=RECONNECT_SECONDS,
     )
     with translated_errors():
         try:
@@ -64,6 +111,50 @@ def open_pool(
             pool.close()
             raise
     return pool
+
+
+class LedgerPool(ConnectionPool):
+    """A pool that stops making callers wait out the whole timeout while PostgreSQL is down.
+
+    When a connection comes back broken, or a wait for one times out, and a fresh connection
+    attempt fails too, the server is taken as unreachable: until a connection is handed out
+    again, callers wait at most FAIL_FAST_SECONDS (the pool keeps reconnecting in the background
+    meanwhile). A timeout while the server answers is plain saturation and changes nothing.
+    """
+
+    _unreachable = False
+
+    @property
+    def is_unreachable(self) -> bool:
+        """Whether the last attempt found the server down (until a connection is handed out)."""
+        return self._unreachable
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[tuple[object, ...]]:
+        if self._unreachable:
+            timeout = FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
+        try:
+            conn = super().getconn(timeout)
+        except PoolTimeout:
+            self._unreachable = self._unreachable or not self._server_answers()
+            raise
+        self._unreachable = False
+        return conn
+
+    def putconn(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        if conn.broken and not self._unreachable:
+            self._unreachable = not self._server_answers()
+        super().putconn(conn)
+
+    def _server_answers(self) -> bool:
+        url = self.conninfo() if callable(self.conninfo) else self.conninfo
+        with suppress(psycopg.Error):
+            psycopg.connect(url, connect_timeout=2).close()
+            return True
+        return False
+
+
+def _set_role(conn: psycopg.Connection[tuple[object, ...]], role: str) -> None:
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
 
 
 def _first_line(error: Exception) -> str:

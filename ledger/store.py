@@ -66,7 +66,8 @@ _COLUMNS = (
 )
 # _COLUMNS is a constant; every value travels as a parameter.
 _READ_STREAM = (
-    f"SELECT {_COLUMNS} FROM events WHERE stream_id = %s AND version >= %s ORDER BY version"  # noqa: S608
+    f"SELECT {_COLUMNS} FROM events WHERE stream_id = %s AND version >= %s"  # noqa: S608
+    " ORDER BY version LIMIT %s"
 )
 # Only rows below the oldest running transaction: nothing can commit behind them later (DESIGN.md).
 _READ_ALL = (
@@ -150,9 +151,11 @@ class EventStore:
             row = conn.execute(_VERSION, (stream_id,)).fetchone()
         return 0 if row is None else int(row[0])
 
-    def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
-        """The stream's events from `from_version` on, in version order."""
-        return self._read(_READ_STREAM, (stream_id, from_version))
+    def read_stream(
+        self, stream_id: str, from_version: int = 1, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """The stream's events from `from_version` on, in version order (at most `limit`)."""
+        return self._read(_READ_STREAM, (stream_id, from_version, limit))
 
     def read_all(
         self, after: Checkpoint = START, limit: int = 1000, *, conn: Connection | None = None

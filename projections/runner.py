@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from ledger.db import translated_errors
+from ledger.db import connect, translated_errors
 from ledger.errors import LedgerError
 from ledger.records import START, Checkpoint
 from ledger.store import EventStore
@@ -111,8 +111,10 @@ class Runner:
         batch_size: int = 1000,
         poll_seconds: float = 1.0,
         pause_seconds: float = 0.25,
+        role: str | None = None,
     ) -> None:
         self._url = url
+        self._role = role
         self._store = EventStore(pool)
         self._projections = tuple(projections)
         self._batch_size = batch_size
@@ -122,7 +124,7 @@ class Runner:
 
     def run_once(self, on_batch: Callable[[str, int], None] | None = None) -> dict[str, int]:
         """Catch every projection this runner can lock up with the head; events applied each."""
-        with translated_errors(), psycopg.connect(self._url, autocommit=True) as conn:
+        with translated_errors(), connect(self._url, role=self._role) as conn:
             return self._catch_up(conn, on_batch)
 
     def run(self) -> None:
@@ -139,7 +141,7 @@ class Runner:
                 self.stopping.wait(self._poll_seconds)
 
     def _listen(self) -> None:
-        with translated_errors(), psycopg.connect(self._url, autocommit=True) as conn:
+        with translated_errors(), connect(self._url, role=self._role) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             while not self.stopping.is_set():
                 self._catch_up(conn, None)
@@ -152,7 +154,7 @@ class Runner:
     def stop(self) -> None:
         """Ask `run` to return; it is woken at once rather than at its next poll."""
         self.stopping.set()
-        with suppress(psycopg.Error), psycopg.connect(self._url, autocommit=True) as conn:
+        with suppress(psycopg.Error), connect(self._url, role=self._role) as conn:
             conn.execute(f"NOTIFY {CHANNEL}")
 
     def _catch_up(

@@ -14,11 +14,13 @@ import pytest
 import requests
 import uvicorn
 from argon2 import PasswordHasher
+from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
 from api.app import create_app
 from api.settings import Settings
+from api.throttle import RateLimit
 from ledger.clock import ManualClock
 from ledger.store import EventStore, RecordedEvent
 from projections.session import Policy
@@ -34,6 +36,7 @@ TEST_POLICY = Policy(
     refresh_grace=timedelta(seconds=10),
     activity_debounce=timedelta(seconds=60),
 )
+DEFAULT_RATE_LIMIT = RateLimit()
 
 
 @dataclass
@@ -46,6 +49,7 @@ class LiveServer:
     http: requests.Session
     settings: Settings
     accounts: Accounts
+    app: FastAPI
 
     def events(self, stream_prefix: str = "") -> list[RecordedEvent]:
         """Every event in the ledger (optionally of streams starting with a prefix)."""
@@ -129,6 +133,7 @@ def live_factory(
         audience: str = "session-ledger",
         key_reload_interval: timedelta = timedelta(seconds=60),
         run_projections: bool = False,
+        address_logins: RateLimit = DEFAULT_RATE_LIMIT,
     ) -> LiveServer:
         settings = Settings(
             database_url=db_url,
@@ -137,13 +142,14 @@ def live_factory(
             policy=policy,
             key_reload_interval=key_reload_interval,
             run_projections=run_projections,
+            address_logins=address_logins,
         )
         app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
         url, stop = serve_in_thread(app)
         http = requests.Session()
         stops.append(stop)
         stops.append(http.close)
-        return LiveServer(url, clock, pool, http, settings, accounts)
+        return LiveServer(url, clock, pool, http, settings, accounts, app)
 
     yield start
     for stop in reversed(stops):

@@ -75,9 +75,10 @@ def ledger(
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = Settings(database_url=db_url, issuer=url, policy=SHORT_POLICY, demo=True)
-    stop = serve_on(create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER), sock)
+    app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
+    stop = serve_on(app, sock)
     with requests.Session() as http:
-        yield LiveServer(url, clock, pool, http, settings, ledger_accounts)
+        yield LiveServer(url, clock, pool, http, settings, ledger_accounts, app)
     stop()
 
 
