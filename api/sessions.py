@@ -43,7 +43,7 @@ from projections.inline import (
     load_session,
     save_principal,
     save_session,
-    user_sessions,
+    valid_user_sessions,
 )
 from projections.session import Decision, Outcome, SessionState
 
@@ -213,10 +213,8 @@ class SessionService:
         )
 
     def list_sessions(self, user: str, limit: int = 100) -> list[SessionState]:
-        now = self.clock()
         with self._connection() as conn:
-            states = user_sessions(conn, user, limit)
-        return [s for s in states if session.is_valid(s, now, self._policy)]
+            return valid_user_sessions(conn, user, self.clock(), self._policy, limit)
 
     def end_session(self, user: str, session_id: str, info: RequestInfo) -> bool:
         """End one of the user's sessions; False when it is not theirs or not active."""
@@ -230,10 +228,13 @@ class SessionService:
         )
         return decision is not None and decision.outcome is Outcome.OK
 
-    def end_all(self, user: str, info: RequestInfo) -> int:
+    def end_all(self, user: str, info: RequestInfo, batch_size: int = 1000) -> int:
         ended = 0
-        for state in self.list_sessions(user, limit=1000):
-            ended += self.end_session(user, state.session_id, info)
+        while batch := self.list_sessions(user, limit=batch_size):
+            done = sum(self.end_session(user, state.session_id, info) for state in batch)
+            if done == 0:  # each ended one leaves the list; stop if none would
+                break
+            ended += done
         return ended
 
     # -- revocation and introspection ---------------------------------------------------------

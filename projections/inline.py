@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -44,6 +45,11 @@ ON CONFLICT (session_id) DO UPDATE SET
 _USER_SESSIONS = (
     "SELECT {columns} FROM {table} WHERE user_name = %s"
     " ORDER BY started_at DESC, session_id LIMIT %s"
+)
+# session.status in SQL: not ended, idle below the limit, before the absolute end.
+_VALID_USER_SESSIONS = (
+    "SELECT {columns} FROM {table} WHERE user_name = %s AND ended_at IS NULL"
+    " AND last_activity > %s AND started_at > %s ORDER BY started_at DESC, session_id LIMIT %s"
 )
 _PRINCIPAL_COLUMNS = "name, version, recent_failures, locked_until"
 _LOAD_PRINCIPAL = "SELECT {columns} FROM {table} WHERE name = %s"
@@ -89,6 +95,16 @@ def user_sessions(
     """A user's sessions, newest first."""
     query = statement(_USER_SESSIONS, table, _SESSION_COLUMNS)
     return [_session(row) for row in conn.execute(query, (user, limit))]
+
+
+def valid_user_sessions(
+    conn: Connection, user: str, now: datetime, policy: session.Policy, limit: int
+) -> list[SessionState]:
+    """A user's sessions that are valid at `now`, newest first; ended and expired ones, however
+    many, never crowd a valid one out of the `limit`."""
+    query = statement(_VALID_USER_SESSIONS, "sessions", _SESSION_COLUMNS)
+    params = (user, now - policy.idle_timeout, now - policy.absolute_timeout, limit)
+    return [_session(row) for row in conn.execute(query, params)]
 
 
 def load_principal(

@@ -9,6 +9,7 @@ import jwt
 import requests
 
 from api.keys import Sealer, rotate_keys
+from api.sessions import RequestInfo, SessionService
 from projections.session import Policy
 from tests.api.conftest import SECRET, LiveServer
 from tests.api.test_oauth import assert_oauth_error
@@ -164,6 +165,16 @@ def test_ending_all_sessions(live: LiveServer) -> None:
         assert_oauth_error(live.refresh(tokens["refresh_token"]), 400, "invalid_grant")
     assert live.refresh(bobs["refresh_token"]).status_code == 200
     assert live.types().count("SessionEnded") == 2
+
+
+def test_ending_all_sessions_goes_on_past_one_batch(live: LiveServer) -> None:
+    for _ in range(5):
+        live.login()
+        live.clock.advance(timedelta(seconds=1))
+    service: SessionService = live.app.state.service
+    info = RequestInfo("end-all", "127.0.0.1", "test")
+    assert service.end_all("ada", info, batch_size=2) == 5
+    assert service.list_sessions("ada") == []
 
 
 def test_bearer_endpoints_refuse_missing_and_bad_tokens(live: LiveServer) -> None:
