@@ -198,7 +198,7 @@ class Connection:
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         writer.write(head.encode() + body)  # no drain: a request is small and we await the reply
-        status, length, close = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+        status, length, close = parse_head(await reader.readuntil(b"\r\n\r\n"))
         reply = await reader.readexactly(length)
         if close:
             self.close()
@@ -210,7 +210,7 @@ class Connection:
             self._streams = None
 
 
-def _parse_head(head: bytes) -> tuple[int, int, bool]:
+def parse_head(head: bytes) -> tuple[int, int, bool]:
     lines = head.split(b"\r\n")
     status, length, close = int(lines[0].split(b" ", 2)[1]), None, False
     for line in lines[1:]:
@@ -220,6 +220,8 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
             length = int(value)
         elif name == b"connection":
             close = value.strip().lower() == b"close"
+    if length is None and status in (204, 304):
+        length = 0  # no body, so no Content-Length (RFC 9110 §8.6)
     if length is None:
         raise RuntimeError(f"a response without Content-Length: {head[:200]!r}")
     return status, length, close
@@ -432,7 +434,7 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _api_command() -> list[str]:
+def api_command() -> list[str]:
     executable = Path(sys.executable).with_name("session-ledger")
     if not executable.exists():
         raise SystemExit(f"{executable} is missing: install the project (pip install -e .)")
@@ -445,26 +447,26 @@ def _trivial_command() -> list[str]:
     return [sys.executable, "-m", "uvicorn", *app]
 
 
-def _progress(text: str) -> None:
+def progress(text: str) -> None:
     print(f"… {text}", file=sys.stderr, flush=True)
 
 
 def run(url: str, levels: list[int], seconds: float, logs: Path) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = {"raw": [], "refresh": [], "trivial": [], "login": []}
     for level in levels:
-        _progress(f"raw PostgreSQL baseline, {level} threads")
+        progress(f"raw PostgreSQL baseline, {level} threads")
         results["raw"].append(bench_raw(url, level, seconds))
     create_accounts(url)
     env = {**os.environ, **SERVER_ENV, "LEDGER_DATABASE_URL": url}
-    with serving(_api_command(), env, logs / "api.log") as api:
+    with serving(api_command(), env, logs / "api.log") as api:
         for level in levels:
-            _progress(f"refresh, {level} clients")
+            progress(f"refresh, {level} clients")
             results["refresh"].append(bench_refresh(api, level, seconds, "refresh via HTTP"))
-        _progress("login")
+        progress("login")
         results["login"].append(bench_login(api, seconds))
     with serving(_trivial_command(), dict(os.environ), logs / "trivial.log") as trivial:
         for level in levels:
-            _progress(f"trivial endpoint, {level} clients")
+            progress(f"trivial endpoint, {level} clients")
             results["trivial"].append(bench_refresh(trivial, level, seconds, "trivial FastAPI"))
     return results
 

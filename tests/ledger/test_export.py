@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -33,13 +35,13 @@ from ledger.events import (
     SessionStarted,
 )
 from ledger.export import (
-    PARQUET_SCHEMA,
     ExportFilter,
     ExportFormat,
     export_events,
     import_jsonl,
     read_jsonl,
 )
+from ledger.parquet import PARQUET_SCHEMA
 from ledger.store import EventStore, ImportRecord, Stream
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -432,3 +434,12 @@ def test_import_events_checks_a_recorded_hash(store: EventStore, db_url: str) ->
         store.import_events([record, replace(record, version=2, hash=bytes(32))])
     assert stored_rows(db_url) == []
     assert store.import_events([replace(record, hash=envelope.link_hash(GENESIS))]) == 1
+
+
+def test_the_service_and_its_command_line_load_pyarrow_only_for_a_parquet_export() -> None:
+    # Each API worker imports the command-line module; pyarrow would cost it about 40 MiB.
+    code = "import sys, api.cli, api.app; print('pyarrow' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
