@@ -41,6 +41,7 @@ async def _auditor(caller: Caller) -> str:
 Auditor = Annotated[str, Depends(_auditor)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 Version = Annotated[int, Query(ge=0, le=2**31 - 1)]
+DATE_TIME: dict[str, Any] = {"format": "date-time"}  # ISO 8601 (RFC 3339 in the schema)
 
 
 def _store(request: Request) -> EventStore:
@@ -75,7 +76,7 @@ async def session_as_of(
     auditor: Auditor,
     store: Store,
     service: Service,
-    as_of_time: Annotated[str | None, Query(alias="as_of")] = None,
+    as_of_time: Annotated[str | None, Query(alias="as_of", json_schema_extra=DATE_TIME)] = None,
 ) -> JSONResponse:
     moment = _time(as_of_time, "as_of") if as_of_time else service.clock()
     recorded = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
@@ -104,8 +105,8 @@ async def events(
     limit: Limit = 100,
     type: Annotated[list[str] | None, Query()] = None,
     user: str | None = None,
-    from_time: Annotated[str | None, Query(alias="from")] = None,
-    to_time: Annotated[str | None, Query(alias="to")] = None,
+    from_time: Annotated[str | None, Query(alias="from", json_schema_extra=DATE_TIME)] = None,
+    to_time: Annotated[str | None, Query(alias="to", json_schema_extra=DATE_TIME)] = None,
 ) -> JSONResponse:
     cursor = decode_cursor(after) if after else START
     known = {cls.type_name for cls in registered_types()}

@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from api.forms import FORM_TYPE, MAX_FIELD_CHARS
+from api.openapi_links import (
+    ISSUED_BEARER,
+    SESSIONS_LINKS,
+    TOKEN_LINKS,
+    bearer_links,
+    next_page,
+)
 
 Schema = dict[str, Any]
 
@@ -42,12 +49,13 @@ def _error(description: str, headers: Schema = _NO_STORE_HEADERS) -> Schema:
     }
 
 
-def _json(description: str, schema: Schema) -> Schema:
-    return {
+def _json(description: str, schema: Schema, links: Schema | None = None) -> Schema:
+    response = {
         "description": description,
         "headers": _NO_STORE_HEADERS,
         "content": {"application/json": {"schema": schema}},
     }
+    return {**response, "links": links} if links else response
 
 
 def _object(properties: Schema, required: list[str] | None = None) -> Schema:
@@ -155,6 +163,7 @@ TOKEN_RESPONSES: dict[int | str, Schema] = {
             {**_TOKEN_BODY, "refresh_token": {"type": "string"}},
             ["access_token", "token_type", "expires_in", "refresh_token", "scope"],
         ),
+        TOKEN_LINKS,
     ),
     **OAUTH_ERRORS,
     429: _SLOW_DOWN,
@@ -187,6 +196,7 @@ BROWSER_TOKEN_RESPONSES: dict[int | str, Schema] = {
             {**_TOKEN_BODY, "idle_timeout": {"type": "integer"}},
             ["access_token", "token_type", "expires_in", "scope", "idle_timeout"],
         ),
+        bearer_links(ISSUED_BEARER),
     ),
     **BROWSER_ERRORS,
     429: _SLOW_DOWN,
@@ -213,6 +223,7 @@ SESSIONS_RESPONSES: dict[int | str, Schema] = {
     200: _json(
         "the caller's active sessions",
         _object({"sessions": {"type": "array", "items": _SESSION}}, ["sessions"]),
+        SESSIONS_LINKS,
     ),
     **BEARER_ERRORS,
 }
@@ -254,6 +265,7 @@ AUDIT_EVENTS_RESPONSES: dict[int | str, Schema] = {
     200: _json(
         "up to `limit` events in version order; `next` is the `after` of the following page",
         _object({**_EVENTS, "next": {"type": "integer"}}, ["events", "next"]),
+        next_page("/audit/sessions/{session_id}/events", ("session_id",), ("limit",)),
     ),
     **AUDIT_ERRORS,
 }
@@ -261,6 +273,7 @@ AUDIT_PAGE_RESPONSES: dict[int | str, Schema] = {
     200: _json(
         "one page; `next` is the cursor for the following page",
         _object({**_EVENTS, "next": {"type": "string"}}, ["events", "next"]),
+        next_page("/audit/events", (), ("limit", "type", "user", "from", "to")),
     ),
     **AUDIT_ERRORS,
 }
