@@ -7,7 +7,9 @@ CREATE TABLE IF NOT EXISTS schema_version (
     version    integer PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
-INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+-- Raised with every change below, so that a login that may not apply it can tell it is current.
+-- 2: login_throttle.
+INSERT INTO schema_version (version) VALUES (2) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (

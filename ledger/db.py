@@ -12,7 +12,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUNTIME_ROLE = "session_ledger_runtime"
 """The least-privilege role schema.sql creates; the server acts as it (SET ROLE) at run time."""
 RECONNECT_SECONDS = 5.0
@@ -40,13 +40,29 @@ def schema_sql() -> str:
 
 
 def apply_schema(url: str) -> None:
-    """Create or update every table, index, trigger and grant; safe to run any number of times."""
+    """Create or update every table, index, trigger and grant; safe to run any number of times.
+
+    A login that may not change the schema (one holding only the runtime role) goes on when the
+    schema is already current, and is told to apply it with the owner's URL when it is not.
+    """
+    denied = None
     with translated_errors(), psycopg.connect(url) as conn:
-        conn.execute(schema_sql().encode("utf-8"))
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        try:
+            conn.execute(schema_sql().encode("utf-8"))
+        except psycopg.errors.InsufficientPrivilege as e:
+            conn.rollback()
+            denied = _first_line(e)
+        try:
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None
     if row is None or row[0] != SCHEMA_VERSION:
         found = None if row is None else row[0]
-        raise StorageError(f"database schema version is {found}; this code needs {SCHEMA_VERSION}")
+        message = f"database schema version is {found}; this code needs {SCHEMA_VERSION}"
+        if denied is not None:
+            message += f" and this user may not apply it ({denied}): run `session-ledger db init`"
+            message += " with LEDGER_DATABASE_URL set to the owner's URL"
+        raise StorageError(message)
 
 
 def connect(url: str, *, role: str | None = None) -> psycopg.Connection[tuple[object, ...]]:

@@ -10,14 +10,18 @@ from typing import Any
 
 import psycopg
 import pytest
+import requests
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from api.accounts import Accounts
-from ledger.db import RUNTIME_ROLE, check_role
+from api.app import create_app
+from api.settings import Settings
+from ledger.clock import ManualClock
+from ledger.db import RUNTIME_ROLE, SCHEMA_VERSION, apply_schema, check_role
 from ledger.errors import StorageError
-from tests.api.conftest import PASSWORD, SECRET, LiveServer
+from tests.api.conftest import CHEAP_HASHER, PASSWORD, SECRET, LiveServer, serve_in_thread
 from tests.api.test_audit import sid_of
 
 Admin = psycopg.Connection[tuple[Any, ...]]
@@ -72,6 +76,45 @@ def test_a_login_role_outside_the_runtime_role_is_refused_saying_what_to_grant(
         check_role(url, "no_such_role")
     admin.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, (RUNTIME_ROLE, name))))
     check_role(url, RUNTIME_ROLE)
+
+
+@pytest.fixture
+def runtime_login(admin: Admin, outsider: tuple[str, str]) -> str:
+    """The URL of a login that holds the runtime role and nothing else: production's setup."""
+    name, url = outsider
+    admin.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, (RUNTIME_ROLE, name))))
+    return url
+
+
+def test_a_login_holding_only_the_runtime_role_runs_the_service(
+    runtime_login: str, accounts: Accounts, clock: ManualClock
+) -> None:
+    apply_schema(runtime_login)  # may not apply it, but it is current: goes on
+    check_role(runtime_login, RUNTIME_ROLE)
+    settings = Settings(database_url=runtime_login, issuer="https://ledger.test")
+    app = create_app(settings, runtime_login, clock=clock, hasher=CHEAP_HASHER)
+    url, stop = serve_in_thread(app)
+    try:
+        form = {"grant_type": "password", "client_id": "spa", "username": "ada"}
+        login = requests.post(f"{url}/oauth/token", data={**form, "password": PASSWORD}, timeout=30)
+        assert login.status_code == 200, login.text
+        refresh = {"grant_type": "refresh_token", "client_id": "spa"}
+        refreshed = requests.post(
+            f"{url}/oauth/token",
+            data={**refresh, "refresh_token": login.json()["refresh_token"]},
+            timeout=30,
+        )
+        assert refreshed.status_code == 200, refreshed.text
+    finally:
+        stop()
+
+
+def test_a_login_that_may_not_apply_an_outdated_schema_is_told_how(
+    runtime_login: str, admin: Admin
+) -> None:
+    admin.execute("DELETE FROM schema_version WHERE version = %s", (SCHEMA_VERSION,))
+    with pytest.raises(StorageError, match=r"may not apply it .*session-ledger db init"):
+        apply_schema(runtime_login)
 
 
 def _stored_hashes(admin: Admin) -> list[str]:
