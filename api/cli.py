@@ -207,6 +207,9 @@ def serve(
         workers=workers,
         http="api.transport:NoDelayH11Protocol",
         log_level="info",
+        # A worker starting on a busy machine (imports, key load, pool) can take longer than
+        # uvicorn's 5 s before it answers the supervisor's first ping; it is not hung.
+        timeout_worker_healthcheck=30,
     )
 
 

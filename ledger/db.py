@@ -133,9 +133,10 @@ class LedgerPool(ConnectionPool):
     """A pool that stops making callers wait out the whole timeout while PostgreSQL is down.
 
     When a connection comes back broken, or a wait for one times out, and a fresh connection
-    attempt fails too, the server is taken as unreachable: until a connection is handed out
-    again, callers wait at most FAIL_FAST_SECONDS (the pool keeps reconnecting in the background
-    meanwhile). A timeout while the server answers is plain saturation and changes nothing.
+    attempt fails too, the server is taken as unreachable: every caller already waiting is
+    answered at once, and until a connection is handed out again new callers wait at most
+    FAIL_FAST_SECONDS (the pool keeps reconnecting in the background meanwhile). A timeout while
+    the server answers is plain saturation and changes nothing.
     """
 
     _unreachable = False
@@ -151,15 +152,25 @@ class LedgerPool(ConnectionPool):
         try:
             conn = super().getconn(timeout)
         except PoolTimeout:
-            self._unreachable = self._unreachable or not self._server_answers()
+            if not self._unreachable and not self._server_answers():
+                self._mark_unreachable()
             raise
         self._unreachable = False
         return conn
 
     def putconn(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
-        if conn.broken and not self._unreachable:
-            self._unreachable = not self._server_answers()
+        if conn.broken and not self._unreachable and not self._server_answers():
+            self._mark_unreachable()
         super().putconn(conn)
+
+    def _mark_unreachable(self) -> None:
+        self._unreachable = True
+        # Callers that began waiting before this was known would wait out the full timeout.
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for client in waiting:
+            client.fail(psycopg.OperationalError("PostgreSQL does not accept connections"))
 
     def _server_answers(self) -> bool:
         url = self.conninfo() if callable(self.conninfo) else self.conninfo

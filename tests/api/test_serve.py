@@ -23,7 +23,7 @@ from tests.api.test_cli import EXECUTABLE, run
 from tests.api.test_hostile import race_refreshes
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -33,7 +33,7 @@ def _free_port() -> int:
 @contextmanager
 def serving(*args: str, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """Run `session-ledger serve` on a free port until it answers /healthz; stop it after."""
-    port = _free_port()
+    port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     process = subprocess.Popen(
         [EXECUTABLE, "serve", "--port", str(port), *args],
@@ -59,10 +59,10 @@ def serving(*args: str, env: dict[str, str]) -> Iterator[tuple[str, subprocess.P
             time.sleep(0.1)
         yield url, process
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
+def stop_process_group(process: subprocess.Popen[str]) -> None:
     with suppress(ProcessLookupError):  # the test may have stopped it already
         os.killpg(process.pid, signal.SIGTERM)
     try:

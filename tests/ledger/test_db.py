@@ -4,6 +4,7 @@ connections but not while it is merely busy."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
 
@@ -72,3 +73,25 @@ def test_a_busy_pool_times_out_without_taking_the_server_for_down(db_url: str) -
         with pytest.raises(PoolTimeout):
             pool.getconn(timeout=0.2)
         assert not pool.is_unreachable
+
+
+def test_callers_already_waiting_are_answered_when_the_server_is_found_down(
+    db_url: str, pg_server_url: str
+) -> None:
+    with (
+        open_pool(db_url, min_size=1, max_size=1, timeout=30) as pool,
+        ThreadPoolExecutor(max_workers=1) as executor,
+    ):
+        held = pool.getconn()
+        waiter: Future[None] = executor.submit(_select_one, pool)
+        while pool.get_stats().get("requests_waiting", 0) == 0:  # bounded by the waiter's 30 s
+            assert not waiter.done(), waiter.exception()
+            time.sleep(0.01)
+        _allow_connections(pg_server_url, db_url, False)
+        with pytest.raises(psycopg.OperationalError):
+            held.execute("SELECT 1")  # cut under the one connection the pool has
+        pool.putconn(held)
+        # Failed by the broken connection's return, not by its own 30 s timeout running out.
+        with pytest.raises(DatabaseUnavailable, match="does not accept connections"):
+            waiter.result(timeout=60)
+        _allow_connections(pg_server_url, db_url, True)
