@@ -15,6 +15,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
+from ledger.db import SCHEMA_VERSION
 from ledger.events import ActivityRecorded, SessionEnded
 from ledger.store import EventStore, Stream
 
@@ -93,7 +94,7 @@ def test_db_url_starts_the_embedded_server_and_reports_a_working_url(embedded_di
     url = result.stdout.strip()
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        assert row == (1,)
+        assert row == (SCHEMA_VERSION,)
         server_version = conn.info.server_version
     assert server_version >= 160000
     assert (embedded_dir / "PG_VERSION").exists()

@@ -48,7 +48,9 @@ SHORT_POLICY = Policy(
 )
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: while Playwright's sync API is open it keeps an event loop running
+# in the main thread, and later tests that run their own (asyncio.run, as the soak does) would fail.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.skip(f"no {CHROMIUM}: apt-get install chromium (.ci/run does)")
