@@ -18,13 +18,14 @@ from fastapi.responses import JSONResponse
 from api import openapi as oas
 from api.errors import NO_STORE, BearerError, InvalidRequest, NotFound
 from api.routes import Caller, Service
-from ledger.events import registered_types
+from ledger.db import translated_errors
+from ledger.events import unknown_types
 from ledger.records import START, Checkpoint, RecordedEvent
 from ledger.serialization import format_timestamp
 from ledger.store import EventStore
 from projections import session
 from projections.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, user_sessions
-from projections.replay import PointInTime, as_of
+from projections.replay import PointInTime, as_of, judge
 
 router = APIRouter(prefix="/audit")
 MAX_LIMIT = 1000
@@ -92,7 +93,7 @@ async def users_sessions(
 ) -> JSONResponse:
     states = await run_in_threadpool(_user_sessions, request, name, limit)
     now = service.clock()
-    body = [point_in_time_body(_now(s, now, service.policy), service.policy) for s in states]
+    body = [point_in_time_body(judge(s, now, service.policy), service.policy) for s in states]
     return JSONResponse({"sessions": body}, headers=NO_STORE)
 
 
@@ -109,8 +110,7 @@ async def events(
     to_time: Annotated[str | None, Query(alias="to", json_schema_extra=DATE_TIME)] = None,
 ) -> JSONResponse:
     cursor = decode_cursor(after) if after else START
-    known = {cls.type_name for cls in registered_types()}
-    unknown = sorted(set(type or ()) - known)
+    unknown = sorted(set(unknown_types(type or ())))
     if unknown:
         raise InvalidRequest(f"unknown event type(s): {', '.join(unknown)}")
     streams = await run_in_threadpool(_streams_of, request, user) if user else None
@@ -202,25 +202,19 @@ def _time(text: str, name: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-def _now(state: session.SessionState, now: datetime, policy: session.Policy) -> PointInTime:
-    outcome = session.status(state, now, policy)
-    status = "valid" if outcome is session.Outcome.OK else outcome.value
-    return PointInTime(state.session_id, now, state, status, session.idle_for(state, now))
-
-
 def _user_sessions(request: Request, name: str, limit: int) -> list[session.SessionState]:
-    with request.app.state.pool.connection() as conn:
+    with translated_errors(), request.app.state.pool.connection() as conn:
         return user_sessions(conn, name, limit)
 
 
 def _streams_of(request: Request, user: str) -> list[str]:
-    with request.app.state.pool.connection() as conn:
+    with translated_errors(), request.app.state.pool.connection() as conn:
         rows = conn.execute("SELECT session_id FROM sessions WHERE user_name = %s", (user,))
         return [f"{PRINCIPAL_PREFIX}{user}", *(f"{SESSION_PREFIX}{r[0]}" for r in rows)]
 
 
 def _alerts(request: Request, after: int, limit: int) -> list[dict[str, Any]]:
-    with request.app.state.pool.connection() as conn:
+    with translated_errors(), request.app.state.pool.connection() as conn:
         cursor = conn.execute(
             "SELECT position, kind, occurred_at, user_name, session_id, ip, details FROM alerts"
             " WHERE position > %s ORDER BY position LIMIT %s",

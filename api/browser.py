@@ -23,7 +23,7 @@ from api.errors import (
     InvalidGrant,
     InvalidRequest,
     UnauthorizedClient,
-    oauth_error_body,
+    oauth_error_response,
 )
 from api.forms import MAX_FIELD_CHARS, read_body
 from api.routes import Info, Service
@@ -125,9 +125,7 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
             raise InvalidGrant("there is no browser session: the refresh cookie is missing")
         grant = await run_in_threadpool(service.refresh, token, client, info)
     except InvalidGrant as e:
-        refused = JSONResponse(
-            oauth_error_body(e.error, e.description), status_code=e.status, headers=e.headers()
-        )
+        refused = oauth_error_response(e)
         _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser
         return refused
     return _granted(grant, service)

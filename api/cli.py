@@ -179,6 +179,7 @@ def serve(
 ) -> None:
     """Run the HTTP API (on the embedded PostgreSQL unless LEDGER_DATABASE_URL is set); it acts
     as the least-privilege role session_ledger_runtime."""
+    base = f"http://{_url_host(host)}:{port}"  # what a client types: an IPv6 host in brackets
     with _failures_exit_2():
         settings = Settings.from_env()
         url = _database_url(settings)
@@ -186,19 +187,19 @@ def serve(
         if demo:
             with open_pool(url, max_size=1) as pool:
                 _create_demo_accounts(Accounts(pool))
-            typer.echo(demo_walkthrough(f"http://{host}:{port}"))
+            typer.echo(demo_walkthrough(base))
     # Workers are separate processes: they find the database (embedded or not) in the environment.
     os.environ["LEDGER_DATABASE_URL"] = url
-    os.environ.setdefault("LEDGER_ISSUER", f"http://{host}:{port}")
+    os.environ.setdefault("LEDGER_ISSUER", base)
     if demo:
         # The demo page is served from where we listen, so its origin may use the browser mode.
         os.environ["LEDGER_DEMO"] = "1"
-        os.environ.setdefault("LEDGER_ALLOWED_ORIGINS", f"http://{_url_host(host)}:{port}")
-        typer.echo(f"demo page: http://{_url_host(host)}:{port}/demo", err=True)
+        os.environ.setdefault("LEDGER_ALLOWED_ORIGINS", base)
+        typer.echo(f"demo page: {base}/demo", err=True)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill this process before
     # the embedded PostgreSQL is stopped at exit; exiting normally lets that happen.
     signal.signal(signal.SIGTERM, _exit_normally)
-    typer.echo(f"session-ledger listening on http://{host}:{port}", err=True)
+    typer.echo(f"session-ledger listening on {base}", err=True)
     uvicorn.run(
         "api.app:app_from_env",
         factory=True,
@@ -313,7 +314,7 @@ def _create_demo_accounts(accounts: Accounts) -> None:
 
 
 def demo_walkthrough(base: str) -> str:
-    """Curl commands that log in, call a protected endpoint, refresh and log out."""
+    """Curl commands that log in, call a protected endpoint, refresh, and replay a spent token."""
     return f"""Demo user {DEMO_USER!r} (password {DEMO_PASSWORD!r}), public client {DEMO_CLIENT!r}.
 
 # 1. Log in; keep the tokens:

@@ -154,9 +154,13 @@ def _refusal(scope: Scope) -> tuple[int, str] | None:
     return None
 
 
-async def _oauth_error(request: Request, exc: OAuthError) -> JSONResponse:
+def oauth_error_response(exc: OAuthError) -> JSONResponse:
     body = oauth_error_body(exc.error, exc.description)
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
+
+
+async def _oauth_error(request: Request, exc: OAuthError) -> JSONResponse:
+    return oauth_error_response(exc)
 
 
 async def _bearer_error(request: Request, exc: BearerError) -> JSONResponse:

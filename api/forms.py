@@ -69,7 +69,6 @@ class ClientCredentials:
 
     client_id: str
     secret: str | None
-    method: str  # "client_secret_basic", "client_secret_post" or "none"
 
 
 def client_credentials(request: Request, form: dict[str, str]) -> ClientCredentials | None:
@@ -81,13 +80,12 @@ def client_credentials(request: Request, form: dict[str, str]) -> ClientCredenti
         client_id, secret = _basic(header[6:])
         if form.get("client_id", client_id) != client_id:
             raise InvalidRequest("client_id differs from the authenticated client")
-        return ClientCredentials(client_id, secret, "client_secret_basic")
+        return ClientCredentials(client_id, secret)
     posted_id = form.get("client_id")
     if not posted_id:
         return None
     posted_secret = form.get("client_secret")
-    method = "client_secret_post" if posted_secret else "none"
-    return ClientCredentials(posted_id, posted_secret, method)
+    return ClientCredentials(posted_id, posted_secret)
 
 
 def _basic(encoded: str) -> tuple[str, str]:

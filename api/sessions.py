@@ -189,8 +189,9 @@ class SessionService:
             state = self._apply(conn, state, decision, info)
         if not decision.is_granted:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
-        current = refresh_token(self._refresh_secret, session_id, state.generation)
-        return self._grant(state, current, now)
+        if decision.outcome is not Outcome.OK:  # a grace retry: the successor issued before
+            next_token = refresh_token(self._refresh_secret, session_id, state.generation)
+        return self._grant(state, next_token, now)
 
     # -- bearer calls ---------------------------------------------------------------------------
 

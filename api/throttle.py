@@ -69,6 +69,13 @@ def address_key(ip: str | None) -> str:
     return str(address)
 
 
+# A new address gets a row whose tat is now: a full bucket, the same as no row.
+_LOCK = (
+    "INSERT INTO login_throttle AS t (address, tat) VALUES (%s, %s)"
+    " ON CONFLICT (address) DO UPDATE SET tat = t.tat RETURNING tat"
+)
+
+
 class AddressThrottle:
     """Admits or refuses login attempts per client address (see the module's docstring)."""
 
@@ -81,16 +88,11 @@ class AddressThrottle:
         """Count one attempt from `ip`; raise SlowDown when its bucket is empty."""
         key = address_key(ip)
         with translated_errors(), self._pool.connection() as conn, conn.transaction():
-            # Insert first, so the first attempts of a new address also queue on one row lock.
-            conn.execute(
-                "INSERT INTO login_throttle (address, tat) VALUES (%s, %s)"
-                " ON CONFLICT (address) DO NOTHING",
-                (key, now),
-            )
-            row = conn.execute(
-                "SELECT tat FROM login_throttle WHERE address = %s FOR UPDATE", (key,)
-            ).fetchone()
-            decision = admit(row[0] if row else None, now, self._rule)
+            # One statement creates the row or locks the existing one and reads it, so the first
+            # attempts of a new address also queue on one row lock.
+            row = conn.execute(_LOCK, (key, now)).fetchone()
+            assert row is not None  # INSERT … RETURNING always returns the row
+            decision = admit(row[0], now, self._rule)
             if decision.is_admitted:
                 conn.execute(
                     "UPDATE login_throttle SET tat = %s WHERE address = %s", (decision.tat, key)

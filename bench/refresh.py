@@ -178,7 +178,7 @@ def create_accounts(url: str) -> None:
 
 
 class Connection:
-    """Just enough HTTP/1.1 for form POSTs answered with a Content-Length body."""
+    """Just enough HTTP/1.1 for small requests answered with a Content-Length body (or none)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -190,12 +190,18 @@ class Connection:
         return self._streams
 
     async def post(self, path: str, form: str) -> tuple[int, bytes]:
+        headers = "Content-Type: application/x-www-form-urlencoded\r\n"
+        return await self.request("POST", path, headers, form.encode())
+
+    async def request(
+        self, method: str, path: str, headers: str = "", body: bytes = b""
+    ) -> tuple[int, bytes]:
+        """One request (`headers` as CRLF-terminated lines) and its reply's status and body."""
         reader, writer = await self.open()
-        body = form.encode()
+        sized = "" if method == "GET" else f"Content-Length: {len(body)}\r\n"
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUser-Agent: {USER_AGENT}\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUser-Agent: {USER_AGENT}"
+            f"\r\n{headers}{sized}\r\n"
         )
         writer.write(head.encode() + body)  # no drain: a request is small and we await the reply
         status, length, close = parse_head(await reader.readuntil(b"\r\n\r\n"))
@@ -308,7 +314,7 @@ def _children_cpu(parent: int) -> dict[int, float]:
 
 
 @contextmanager
-def _connections(server: Server, count: int) -> Iterator[list[Connection]]:
+def connections(server: Server, count: int) -> Iterator[list[Connection]]:
     conns = [Connection(server.port) for _ in range(count)]
     try:
         yield conns
@@ -318,7 +324,7 @@ def _connections(server: Server, count: int) -> Iterator[list[Connection]]:
 
 
 async def _refresh_load(server: Server, clients: int, name: str, seconds: float) -> Result:
-    with _connections(server, clients) as conns:
+    with connections(server, clients) as conns:
         # One client at a time: a burst of connections tends to be accepted by a single worker.
         steps = [Refresher(await _session(conn)) for conn in conns]
         return await _drive(server, conns, steps, name, seconds)
@@ -333,7 +339,7 @@ async def _login_load(server: Server, seconds: float) -> Result:
     def step(username: str) -> Step:
         return lambda conn: login(conn, username)
 
-    with _connections(server, LOGIN_CLIENTS) as conns:
+    with connections(server, LOGIN_CLIENTS) as conns:
         for conn in conns:
             await conn.open()
         steps = [step(f"bench-slow-{n}") for n in range(LOGIN_CLIENTS)]

@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -34,14 +34,13 @@ from bench.refresh import (
     CLIENT,
     PASSWORD,
     SERVER_ENV,
-    USER_AGENT,
     WARMUP,
     Connection,
     Server,
     api_command,
+    connections,
     create_accounts,
     login,
-    parse_head,
     progress,
     serving,
 )
@@ -90,51 +89,37 @@ class Slot:
         return reply
 
 
-class ApiConnection(Connection):
-    """refresh.py's keep-alive connection, plus body-less requests with a bearer token."""
-
-    async def bearer(self, method: str, path: str, token: str) -> tuple[int, bytes]:
-        reader, writer = await self.open()
-        length = "Content-Length: 0\r\n" if method == "POST" else ""
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUser-Agent: {USER_AGENT}"
-            f"\r\nAuthorization: Bearer {token}\r\n{length}\r\n"
-        )
-        writer.write(head.encode())
-        status, size, close = parse_head(await reader.readuntil(b"\r\n\r\n"))
-        reply = await reader.readexactly(size)
-        if close:
-            self.close()
-        return status, reply
-
-
 # -- the mixed workload ---------------------------------------------------------------------------
 
 
-async def _refresh(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
+async def _refresh(conn: Connection, slot: Slot) -> tuple[int, bytes]:
     form = {"grant_type": "refresh_token", "client_id": CLIENT, "refresh_token": slot.refresh_token}
     return slot.kept(await conn.post("/oauth/token", urlencode(form)))
 
 
-async def _login(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
+async def _login(conn: Connection, slot: Slot) -> tuple[int, bytes]:
     """A new session for the slot's user; the old one is left to idle out, as on a new device."""
     return slot.kept(await login(conn, slot.user))
 
 
-async def _typo(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
+async def _typo(conn: Connection, slot: Slot) -> tuple[int, bytes]:
     form = {"grant_type": "password", "client_id": CLIENT, "username": TYPO_USER}
     return await conn.post("/oauth/token", urlencode({**form, "password": "a typo"}))
 
 
-async def _activity(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
-    return await conn.bearer("POST", "/sessions/current/activity", slot.access_token)
+def _bearer(slot: Slot) -> str:
+    return f"Authorization: Bearer {slot.access_token}\r\n"
 
 
-async def _sessions(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
-    return await conn.bearer("GET", "/sessions", slot.access_token)
+async def _activity(conn: Connection, slot: Slot) -> tuple[int, bytes]:
+    return await conn.request("POST", "/sessions/current/activity", _bearer(slot))
 
 
-async def _introspect(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
+async def _sessions(conn: Connection, slot: Slot) -> tuple[int, bytes]:
+    return await conn.request("GET", "/sessions", _bearer(slot))
+
+
+async def _introspect(conn: Connection, slot: Slot) -> tuple[int, bytes]:
     form = {"token": slot.access_token, "client_id": RESOURCE_SERVER}
     return await conn.post(
         "/oauth/introspect", urlencode({**form, "client_secret": RESOURCE_SECRET})
@@ -145,7 +130,7 @@ async def _introspect(conn: ApiConnection, slot: Slot) -> tuple[int, bytes]:
 class Op:
     name: str
     weight: int
-    call: Callable[[ApiConnection, Slot], Awaitable[tuple[int, bytes]]]
+    call: Callable[[Connection, Slot], Awaitable[tuple[int, bytes]]]
     refusal: str | None = None  # the OAuth error code of a 400 this request expects
 
 
@@ -171,8 +156,8 @@ def _is_refusal(op: Op, status: int, body: bytes) -> bool:
 class Workload:
     """Mixed requests, each on a free connection and a free session, recorded as samples."""
 
-    def __init__(self, conns: Sequence[ApiConnection], slots: Sequence[Slot]) -> None:
-        self._conns: asyncio.Queue[ApiConnection] = asyncio.Queue()
+    def __init__(self, conns: Sequence[Connection], slots: Sequence[Slot]) -> None:
+        self._conns: asyncio.Queue[Connection] = asyncio.Queue()
         self._slots: asyncio.Queue[Slot] = asyncio.Queue()
         for conn in conns:
             self._conns.put_nowait(conn)
@@ -204,7 +189,7 @@ class Workload:
         finally:
             self._conns.put_nowait(conn)
 
-    async def _call(self, op: Op, conn: ApiConnection, slot: Slot) -> Outcome:
+    async def _call(self, op: Op, conn: Connection, slot: Slot) -> Outcome:
         try:
             status, body = await op.call(conn, slot)
         except FAILURES as e:
@@ -225,14 +210,14 @@ class Workload:
         return "error"
 
 
-def _forget(conn: ApiConnection, slot: Slot) -> None:
+def _forget(conn: Connection, slot: Slot) -> None:
     """After a request failed midway: a reply may still be on its way, and must not be read as
     the next request's; and the slot's token may have been rotated unseen."""
     conn.close()
     slot.is_stale = True
 
 
-async def _sign_in(conns: Sequence[ApiConnection], users: Sequence[str]) -> list[Slot]:
+async def _sign_in(conns: Sequence[Connection], users: Sequence[str]) -> list[Slot]:
     """One session per user, one login at a time (a burst of connections tends to be accepted by
     a single worker)."""
     slots = [Slot(user) for user in users]
@@ -393,16 +378,6 @@ def create_soak_accounts(url: str) -> list[str]:
     return users
 
 
-@contextmanager
-def _connections(port: int) -> Iterator[list[ApiConnection]]:
-    conns = [ApiConnection(port) for _ in range(CONNECTIONS)]
-    try:
-        yield conns
-    finally:
-        for conn in conns:
-            conn.close()
-
-
 async def _capacity(workload: Workload) -> Slice:
     begin = time.perf_counter() + WARMUP
     await _closed_loop(workload, begin + CAPACITY_SECONDS)
@@ -411,7 +386,7 @@ async def _capacity(workload: Workload) -> Slice:
 
 
 async def _soak(server: Server, users: Sequence[str], seconds: float) -> SoakResult:
-    with _connections(server.port) as conns:
+    with connections(server, CONNECTIONS) as conns:
         workload = Workload(conns, await _sign_in(conns, users))
         progress(f"capacity, closed loop for {WARMUP + CAPACITY_SECONDS:g} s")
         capacity = await _capacity(workload)

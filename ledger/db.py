@@ -79,9 +79,9 @@ def connect(url: str, *, role: str | None = None) -> psycopg.Connection[tuple[ob
 
 def check_role(url: str, role: str) -> None:
     """Raise StorageError, saying what to do, unless the URL's user may act as `role`."""
-    with translated_errors(), psycopg.connect(url, autocommit=True) as conn:
+    with translated_errors():
         try:
-            _set_role(conn, role)
+            connect(url, role=role).close()
         except psycopg.errors.InsufficientPrivilege as e:
             raise StorageError(
                 f"the database user may not act as {role} ({_first_line(e)}); "

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -43,6 +43,12 @@ def event_class(type_name: str) -> type[Event]:
         return _registry[type_name]
     except KeyError:
         raise UnknownEventType(type_name) from None
+
+
+def unknown_types(names: Iterable[str]) -> list[str]:
+    """The names, in order, that no registered event type has."""
+    known = {cls.type_name for cls in registered_types()}
+    return [name for name in names if name not in known]
 
 
 def registered_types() -> list[type[Event]]:

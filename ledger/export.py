@@ -33,7 +33,7 @@ from psycopg_pool import ConnectionPool
 
 from ledger.db import translated_errors
 from ledger.errors import InvalidExport, InvalidImport, SerializationError
-from ledger.events import event_class, registered_types
+from ledger.events import event_class, registered_types, unknown_types
 from ledger.records import ImportRecord
 from ledger.serialization import JsonValue, to_json_value
 from ledger.store import EventStore
@@ -144,9 +144,9 @@ def import_jsonl(pool: ConnectionPool, path: Path, *, append: bool = False) -> i
 
 
 def _filter_params(where: ExportFilter) -> dict[str, Any]:
-    known = [cls.type_name for cls in registered_types()]
-    unknown = [name for name in where.types if name not in known]
+    unknown = unknown_types(where.types)
     if unknown:
+        known = [cls.type_name for cls in registered_types()]
         raise InvalidExport(
             f"unknown event type(s) {', '.join(unknown)}; known types: {', '.join(known)}"
         )

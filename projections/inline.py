@@ -137,18 +137,28 @@ def apply_sessions(
     if not ids:
         return
     query = statement(_LOAD_SESSIONS, table, _SESSION_COLUMNS)
-    states: dict[str, SessionState | None] = {}
-    states.update((row[0], _session(row)) for row in conn.execute(query, (ids,)))
-    changed: dict[str, SessionState] = {}
-    for recorded in batch:
+    states = {row[0]: _session(row) for row in conn.execute(query, (ids,))}
+    changed = _fold_sessions(states, batch)
+    saves = (states[session_id] for session_id in changed)
+    _save_all(conn, statement(_SAVE_SESSION, table, _SESSION_COLUMNS), saves, _session_params)
+
+
+def _fold_sessions(
+    states: dict[str, SessionState], events: Sequence[RecordedEvent]
+) -> dict[str, None]:
+    """Fold the session events into `states`, skipping what a state already reflects; the ids
+    of the sessions that changed, in the order they first did."""
+    changed: dict[str, None] = {}
+    for recorded in events:
+        if recorded.stream_type != "session":
+            continue
         session_id = recorded.stream_id.removeprefix(SESSION_PREFIX)
         state = states.get(session_id)
         if state is not None and recorded.version <= state.version:
             continue
-        states[session_id] = changed[session_id] = session.evolve(state, session_id, recorded.event)
-    _save_all(
-        conn, statement(_SAVE_SESSION, table, _SESSION_COLUMNS), changed.values(), _session_params
-    )
+        states[session_id] = session.evolve(state, session_id, recorded.event)
+        changed[session_id] = None
+    return changed
 
 
 class SessionsRebuild:
@@ -164,15 +174,7 @@ class SessionsRebuild:
         self._states: dict[str, SessionState] = {}
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
-        states = self._states
-        for recorded in events:
-            if recorded.stream_type != "session":
-                continue
-            session_id = recorded.stream_id.removeprefix(SESSION_PREFIX)
-            state = states.get(session_id)
-            if state is not None and recorded.version <= state.version:
-                continue
-            states[session_id] = session.evolve(state, session_id, recorded.event)
+        _fold_sessions(self._states, events)
 
     def flush(self) -> None:
         """Write every folded row into the (empty) table."""

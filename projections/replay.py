@@ -44,11 +44,16 @@ def as_of(
         state = session.evolve(state, session_id, event)
     if state is None:
         return PointInTime(session_id, moment, None, "not_started", None)
+    return judge(state, moment, policy)
+
+
+def judge(state: SessionState, moment: datetime, policy: Policy) -> PointInTime:
+    """The session's status and idle time at `moment`, given its state by then."""
     outcome = session.status(state, moment, policy)
     status = "valid" if outcome is Outcome.OK else outcome.value
     if outcome is Outcome.ENDED and state.end_reason in EXPIRY_REASONS:
         status = state.end_reason  # a recorded expiry reads the same as one not yet recorded
-    return PointInTime(session_id, moment, state, status, session.idle_for(state, moment))
+    return PointInTime(state.session_id, moment, state, status, session.idle_for(state, moment))
 
 
 @dataclass(frozen=True)
@@ -135,8 +140,8 @@ def _step(sim: _Simulation, event: Event, current: Policy, other: Policy) -> Non
 
 
 def _expired_by(state: SessionState, at: datetime, policy: Policy) -> Ending | None:
-    ends, reason = session.expiry(state, policy)
-    return Ending(ends, reason.value) if ends <= at else None
+    ending = _open_ending(state, policy)
+    return ending if ending.at <= at else None
 
 
 def _change(sim: _Simulation, current: Policy, other: Policy) -> Change | None:

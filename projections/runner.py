@@ -75,6 +75,10 @@ def checkpoint(conn: Connection, name: str, *, for_update: bool = False) -> Chec
 def set_checkpoint(conn: Connection, name: str, to: Checkpoint) -> None:
     """Move the projection's checkpoint, in the caller's transaction."""
     conn.execute(_ENSURE, (name,))
+    _advance(conn, name, to)
+
+
+def _advance(conn: Connection, name: str, to: Checkpoint) -> None:
     conn.execute(_ADVANCE, (to.tx_id, to.position, name))
 
 
@@ -86,7 +90,7 @@ def apply_batch(conn: Connection, store: EventStore, projection: Projection, lim
         if not events:
             return 0
         projection.apply(conn, events, live_tables(projection))
-        set_checkpoint(conn, projection.name, events[-1].checkpoint)
+        _advance(conn, projection.name, events[-1].checkpoint)  # its row exists: locked above
     return len(events)
 
 

@@ -8,7 +8,7 @@ it began) come from the session's first event, which never changes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,8 +49,11 @@ class SessionOrigin:
     started_at: datetime
 
 
-def session_origins(conn: Connection, events: Sequence[RecordedEvent]) -> dict[str, SessionOrigin]:
-    """The origin of every session stream the batch touches."""
+def session_origins(
+    conn: Connection, events: Sequence[RecordedEvent], needed: Collection[str]
+) -> dict[str, SessionOrigin]:
+    """The origin of every session the batch starts, and of every one it holds an event of a
+    `needed` type for (looked up only for those: most events are activity and rotations)."""
     origins: dict[str, SessionOrigin] = {}
     missing: set[str] = set()
     for recorded in events:
@@ -59,7 +62,7 @@ def session_origins(conn: Connection, events: Sequence[RecordedEvent]) -> dict[s
         if recorded.type == SessionStarted.type_name:
             user = recorded.event.user  # type: ignore[attr-defined]
             origins[recorded.stream_id] = SessionOrigin(user, recorded.occurred_at)
-        elif recorded.stream_id not in origins:
+        elif recorded.type in needed:
             missing.add(recorded.stream_id)
     missing -= origins.keys()
     if missing:
@@ -86,7 +89,7 @@ def apply_user_summary(
     conn: Connection, events: Sequence[RecordedEvent], tables: Mapping[str, str]
 ) -> None:
     """Fold a batch into user_summary."""
-    origins = session_origins(conn, events)
+    origins = session_origins(conn, events, (SessionEnded.type_name,))
     keyed = [(user, e) for e in events if (user := _user_of(e, origins)) is not None]
     table = _Table(tables["user_summary"], UserSummary, "user_name")
     rows = table.load(conn, {user for user, _ in keyed})
@@ -155,7 +158,7 @@ def apply_hourly_stats(
     conn: Connection, events: Sequence[RecordedEvent], tables: Mapping[str, str]
 ) -> None:
     """Fold a batch into hourly_stats."""
-    origins = session_origins(conn, events)
+    origins = session_origins(conn, events, (SessionEnded.type_name,))
     counted = [e for e in events if e.type in _COUNTERS or e.type == SessionEnded.type_name]
     table = _Table(tables["hourly_stats"], HourlyStats, "hour")
     rows = table.load(conn, {_hour(e.occurred_at) for e in counted})
@@ -207,7 +210,7 @@ def apply_alerts(
     conn: Connection, events: Sequence[RecordedEvent], tables: Mapping[str, str]
 ) -> None:
     """Fold a batch into alerts (and the per-address failure counts behind failure bursts)."""
-    origins = session_origins(conn, events)
+    origins = session_origins(conn, events, (RefreshTokenReuseDetected.type_name,))
     failures = [e for e in events if e.type == LoginFailed.type_name and e.event.ip]  # type: ignore[attr-defined]
     addresses = _Table(tables["address_failures"], AddressFailures, "ip")
     rows = addresses.load(conn, {e.event.ip for e in failures})  # type: ignore[attr-defined]

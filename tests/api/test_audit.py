@@ -91,6 +91,17 @@ def test_users_sessions(live: LiveServer, auditor: dict[str, str]) -> None:
     assert {s["status"] for s in sessions} == {"valid"}
 
 
+def test_a_recorded_expiry_reads_the_same_in_both_audit_views(live: LiveServer) -> None:
+    tokens = live.login()
+    live.clock.advance(timedelta(minutes=31))  # past the 30 min idle timeout
+    assert live.refresh(tokens["refresh_token"]).status_code == 400  # records the expiry
+    live.accounts.add_user("sec", PASSWORD, ("audit",))
+    auditor = live.bearer(live.login(username="sec", scope="audit")["access_token"])
+    listed = live.get("/audit/users/ada/sessions", headers=auditor).json()["sessions"]
+    one = live.get(f"/audit/sessions/{sid_of(tokens)}", headers=auditor).json()
+    assert [s["status"] for s in listed] == [one["status"]] == ["idle_timeout"]
+
+
 def test_event_paging_returns_every_event_once_while_events_are_appended(
     live: LiveServer, auditor: dict[str, str]
 ) -> None:

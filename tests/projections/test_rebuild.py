@@ -120,6 +120,7 @@ def test_the_batch_by_batch_session_fold_agrees_with_the_in_memory_one(
     batch_by_batch = dataclasses.replace(PROJECTIONS["sessions"], rebuilder=None)
     before = snapshot(admin, ["sessions"])
     assert rebuild(db_url, store, batch_by_batch, check=True, batch_size=3) == []
+    assert rebuild(db_url, store, PROJECTIONS["sessions"], check=True, batch_size=3) == []
     admin.execute("UPDATE sessions SET generation = 99")
     drift = rebuild(db_url, store, batch_by_batch, check=True, batch_size=3)
     assert {d.key for d in drift} == {row[0:1] for row in before["sessions"]}

@@ -34,6 +34,7 @@ from tests.api import conftest as api_fixtures
 from tests.api.conftest import PASSWORD
 from tests.api.test_cli import run
 from tests.api.test_serve import serving
+from tests.reliability.test_outage import wait_for
 
 accounts = api_fixtures.accounts
 
@@ -88,13 +89,6 @@ def serving_two_workers(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str
             os.kill(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
             drainer.join(timeout=60)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # a condition, not a timing: bounded by the deadline
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.05)
 
 
 def workers(serve_pid: int) -> set[int]:
