@@ -145,7 +145,9 @@ class SessionService:
             now = self.clock()  # read under the lock, so the principal's events stay in order
             if principal.is_locked(state, now):
                 refusal = principal.LOCKED, "too many failed logins; try again later"
-            elif user is None or not self._accounts.check_password(user, password):
+            # SECURITY: an unknown user's password is verified too (against a stand-in hash),
+            # so the time to answer does not tell which user names exist.
+            elif not self._accounts.check_password(user, password):
                 refusal = "unknown_user" if user is None else "wrong_password", BAD_LOGIN
             if refusal is not None:
                 self._record_failure(conn, state, refusal[0], info, now)

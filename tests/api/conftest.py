@@ -134,6 +134,7 @@ def live_factory(
         key_reload_interval: timedelta = timedelta(seconds=60),
         run_projections: bool = False,
         address_logins: RateLimit = DEFAULT_RATE_LIMIT,
+        hasher: PasswordHasher = CHEAP_HASHER,
     ) -> LiveServer:
         settings = Settings(
             database_url=db_url,
@@ -144,7 +145,7 @@ def live_factory(
             run_projections=run_projections,
             address_logins=address_logins,
         )
-        app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
+        app = create_app(settings, db_url, clock=clock, hasher=hasher)
         url, stop = serve_in_thread(app)
         http = requests.Session()
         stops.append(stop)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Literal
 
 import pytest
+from argon2 import PasswordHasher
 
 from tests.api.conftest import PASSWORD, SECRET, LiveServer
 
@@ -201,6 +204,35 @@ def test_unknown_user_and_wrong_password_answer_identically(live: LiveServer) ->
     assert (unknown.status_code, unknown.json()) == (wrong.status_code, wrong.json())  # type: ignore[attr-defined]
     failures = [e.event for e in live.events("principal:")]
     assert [f.reason for f in failures] == ["unknown_user", "wrong_password"]  # type: ignore[attr-defined]
+
+
+class CountingHasher(PasswordHasher):
+    """The suite's cheap hasher, counting how many verifications it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.verified = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        self.verified += 1
+        return super().verify(hash, password)
+
+
+def test_unknown_user_costs_the_same_verification_as_a_wrong_password(
+    live_factory: Callable[..., LiveServer],
+) -> None:
+    hasher = CountingHasher()
+    live = live_factory(hasher=hasher)
+
+    def verifications(username: str) -> int:
+        before = hasher.verified
+        form = {"grant_type": "password", "client_id": "spa", "username": username}
+        assert_oauth_error(
+            live.post("/oauth/token", data={**form, "password": "wrong"}), 400, "invalid_grant"
+        )
+        return hasher.verified - before
+
+    assert verifications("mallory") == verifications("ada") == 1
 
 
 def test_five_failures_lock_the_principal(live: LiveServer) -> None:
