@@ -18,7 +18,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts, Client
-from api.errors import InvalidGrant, InvalidScope
+from api.http.errors import InvalidGrant, InvalidScope
 from api.keys import KeyRing, Sealer, load_keyring, load_refresh_secret
 from api.settings import Settings
 from api.throttle import AddressThrottle
@@ -36,7 +36,8 @@ from ledger.db import translated_errors
 from ledger.events import Event
 from ledger.store import EventStore, Stream
 from projections import principal, session
-from projections.inline import (
+from projections.session import Decision, Outcome, SessionState
+from projections.sql.inline import (
     PRINCIPAL_PREFIX,
     SESSION_PREFIX,
     load_principal,
@@ -45,7 +46,6 @@ from projections.inline import (
     save_session,
     valid_user_sessions,
 )
-from projections.session import Decision, Outcome, SessionState
 
 Connection = psycopg.Connection[TupleRow]
 

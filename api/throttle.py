@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from psycopg_pool import ConnectionPool
 
-from api.errors import SlowDown
+from api.http.errors import SlowDown
 from ledger.db import translated_errors
 
 

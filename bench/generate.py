@@ -27,9 +27,9 @@ from ledger.events import Event, SessionEnded, event_data
 from ledger.records import ImportRecord
 from ledger.serialization import JsonValue
 from projections import principal, session
-from projections.inline import PRINCIPAL_PREFIX, SESSION_PREFIX
 from projections.principal import LockoutPolicy, PrincipalState
 from projections.session import Decision, Policy, SessionState
+from projections.sql.inline import PRINCIPAL_PREFIX, SESSION_PREFIX
 
 T0 = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 CLIENTS = (

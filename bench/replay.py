@@ -29,11 +29,11 @@ from bench.generate import History, generate
 from ledger.db import open_pool
 from ledger.export import ExportFormat, export_events
 from ledger.store import EventStore
-from projections.catalog import CATCH_UP, PROJECTIONS
-from projections.inline import SESSION_PREFIX, load_session, save_principal, save_session
-from projections.rebuild import rebuild
 from projections.replay import as_of
 from projections.session import Policy
+from projections.sql.catalog import CATCH_UP, PROJECTIONS
+from projections.sql.inline import SESSION_PREFIX, load_session, save_principal, save_session
+from projections.sql.rebuild import rebuild
 
 REBUILD_TARGET = 100_000  # events/s
 POINT_IN_TIME_TARGET = 0.005  # seconds, p99

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
-from api.app import create_app
+from api.http.app import create_app
 from api.settings import Settings
 from api.throttle import RateLimit
 from ledger.clock import ManualClock

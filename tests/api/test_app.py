@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from api.app import create_app
+from api.http.app import create_app
 from api.settings import Settings
 
 

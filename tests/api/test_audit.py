@@ -11,7 +11,7 @@ import jwt
 import pytest
 from psycopg_pool import ConnectionPool
 
-from projections.runner import Runner
+from projections.sql.runner import Runner
 from tests.api.conftest import PASSWORD, LiveServer
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from api.browser import COOKIE_PATH, REFRESH_COOKIE
+from api.http.browser import COOKIE_PATH, REFRESH_COOKIE
 from tests.api.conftest import PASSWORD, LiveServer
 from tests.api.test_oauth import assert_oauth_error
 from tests.api.test_serve import serving

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from api.accounts import Accounts
-from api.app import create_app
+from api.http.app import create_app
 from api.settings import Settings
 from ledger.clock import ManualClock
 from ledger.db import RUNTIME_ROLE, SCHEMA_VERSION, apply_schema, check_role

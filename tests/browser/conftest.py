@@ -28,8 +28,8 @@ from playwright.sync_api import (
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
-from api.app import create_app
-from api.browser import REFRESH_COOKIE
+from api.http.app import create_app
+from api.http.browser import REFRESH_COOKIE
 from api.settings import Settings
 from ledger.clock import ManualClock
 from projections.session import Policy

@@ -14,7 +14,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect
 
-from api.browser import REFRESH_COOKIE
+from api.http.browser import REFRESH_COOKIE
 from tests.browser.conftest import Browsing, call, log_in, page_events, touch
 
 pytestmark = pytest.mark.browser

@@ -438,7 +438,7 @@ def test_import_events_checks_a_recorded_hash(store: EventStore, db_url: str) ->
 
 def test_the_service_and_its_command_line_load_pyarrow_only_for_a_parquet_export() -> None:
     # Each API worker imports the command-line module; pyarrow would cost it about 40 MiB.
-    code = "import sys, api.cli, api.app; print('pyarrow' in sys.modules)"
+    code = "import sys, api.cli, api.http.app; print('pyarrow' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )

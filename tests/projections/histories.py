@@ -25,8 +25,10 @@ from ledger.events import Event
 from ledger.records import RecordedEvent
 from ledger.store import EventStore, Stream
 from projections import principal, session
-from projections.catalog import Projection
-from projections.inline import (
+from projections.principal import LockoutPolicy, PrincipalState
+from projections.session import Decision, Policy, SessionState
+from projections.sql.catalog import Projection
+from projections.sql.inline import (
     PRINCIPAL_PREFIX,
     SESSION_PREFIX,
     load_principal,
@@ -34,8 +36,6 @@ from projections.inline import (
     save_principal,
     save_session,
 )
-from projections.principal import LockoutPolicy, PrincipalState
-from projections.session import Decision, Policy, SessionState
 
 Connection = psycopg.Connection[TupleRow]
 Admin = psycopg.Connection[tuple[object, ...]]

@@ -16,12 +16,12 @@ from psycopg_pool import ConnectionPool
 from ledger.clock import ManualClock
 from ledger.store import EventStore
 from projections import principal
-from projections.catalog import CATCH_UP, PROJECTIONS
-from projections.inline import PRINCIPAL_PREFIX, load_principal, load_session
-from projections.rebuild import rebuild
 from projections.replay import as_of, what_if
-from projections.runner import Runner
 from projections.session import Outcome
+from projections.sql.catalog import CATCH_UP, PROJECTIONS
+from projections.sql.inline import PRINCIPAL_PREFIX, load_principal, load_session
+from projections.sql.rebuild import rebuild
+from projections.sql.runner import Runner
 from tests.projections.histories import (
     POLICY,
     T0,

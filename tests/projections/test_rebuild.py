@@ -16,10 +16,10 @@ from psycopg_pool import ConnectionPool
 from ledger.clock import ManualClock
 from ledger.records import START, Checkpoint, RecordedEvent
 from ledger.store import EventStore
-from projections.catalog import CATCH_UP, PROJECTIONS
-from projections.inline import load_session
-from projections.rebuild import Drift, rebuild
-from projections.runner import Runner, apply_batch, checkpoint
+from projections.sql.catalog import CATCH_UP, PROJECTIONS
+from projections.sql.inline import load_session
+from projections.sql.rebuild import Drift, rebuild
+from projections.sql.runner import Runner, apply_batch, checkpoint
 from tests.projections.histories import (
     T0,
     Admin,

@@ -25,9 +25,9 @@ from ledger.events import (
 )
 from ledger.records import RecordedEvent
 from ledger.store import EventStore
-from projections.catalog import CATCH_UP, PROJECTIONS, Projection
-from projections.rebuild import rebuild
-from projections.runner import Lag, Runner, apply_batch, checkpoint, lag
+from projections.sql.catalog import CATCH_UP, PROJECTIONS, Projection
+from projections.sql.rebuild import rebuild
+from projections.sql.runner import Lag, Runner, apply_batch, checkpoint, lag
 from tests.projections.histories import (
     T0,
     Admin,

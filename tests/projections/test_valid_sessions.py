@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from projections import session
-from projections.inline import save_session, user_sessions, valid_user_sessions
 from projections.session import SessionState
+from projections.sql.inline import save_session, user_sessions, valid_user_sessions
 from tests.projections.histories import POLICY, T0
 
 NOW = T0 + POLICY.absolute_timeout * 2  # when the listing is asked for

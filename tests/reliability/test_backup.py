@@ -18,7 +18,7 @@ import requests
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from api.app import create_app
+from api.http.app import create_app
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import CHEAP_HASHER, LiveServer, serve_in_thread
 from tests.api.test_cli import run

@@ -21,15 +21,15 @@ import pytest
 import requests
 
 from api.accounts import Accounts
-from api.app import create_app
+from api.http.app import create_app
 from api.settings import MAX_ADDRESS_LOGIN_LIMIT, Settings
 from api.throttle import RateLimit
 from ledger.clock import ManualClock
 from ledger.db import open_pool
 from ledger.embedded import stop_embedded
 from ledger.store import START, EventStore
-from projections.catalog import PROJECTIONS
-from projections.rebuild import rebuild
+from projections.sql.catalog import PROJECTIONS
+from projections.sql.rebuild import rebuild
 from tests.api.conftest import CHEAP_HASHER, PASSWORD, TEST_POLICY, serve_in_thread
 from tests.api.test_cli import EXECUTABLE, run
 from tests.api.test_serve import free_port, stop_process_group

@@ -29,7 +29,7 @@ from api.accounts import Accounts
 from ledger.events import RefreshTokenRotated
 from ledger.store import EventStore
 from projections import session
-from projections.inline import SESSION_PREFIX, load_session
+from projections.sql.inline import SESSION_PREFIX, load_session
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import PASSWORD
 from tests.api.test_cli import run

@@ -10,17 +10,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
-from api import audit, errors, metrics, openapi
 from api.accounts import PRODUCTION_HASHER, Accounts
-from api.browser import router as browser_router
+from api.http import audit, errors, metrics, oauth, openapi, sessions
+from api.http.browser import router as browser_router
 from api.keys import Sealer
-from api.routes import router
 from api.sessions import SessionService
 from api.settings import Settings
 from ledger.clock import Clock, SystemClock
 from ledger.db import RUNTIME_ROLE, open_pool, translated_errors
 from ledger.errors import LedgerError
-from projections.runner import Runner
+from projections.sql.runner import Runner
 
 
 def create_app(
@@ -57,7 +56,8 @@ def create_app(
     latency = metrics.Latency()
     errors.install(app)
     metrics.install(app, latency)
-    app.include_router(router)
+    app.include_router(oauth.router)
+    app.include_router(sessions.router)
     app.include_router(audit.router)
     app.include_router(metrics.router)
     app.include_router(browser_router)

@@ -22,8 +22,8 @@ from psycopg.rows import TupleRow
 from ledger.db import translated_errors
 from ledger.records import START, Checkpoint, RecordedEvent
 from ledger.store import EventStore
-from projections.catalog import Projection, Rebuilder
-from projections.runner import checkpoint, lock_key, set_checkpoint
+from projections.sql.catalog import Projection, Rebuilder
+from projections.sql.runner import checkpoint, lock_key, set_checkpoint
 
 Connection = psycopg.Connection[TupleRow]
 Progress = Callable[[int, int], None]

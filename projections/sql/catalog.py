@@ -15,8 +15,8 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ledger.records import RecordedEvent
-from projections import summaries
-from projections.inline import SessionsRebuild, apply_principals, apply_sessions
+from projections.sql import summaries
+from projections.sql.inline import SessionsRebuild, apply_principals, apply_sessions
 
 Connection = psycopg.Connection[TupleRow]
 Apply = Callable[[Connection, Sequence[RecordedEvent], Mapping[str, str]], None]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.forms import FORM_TYPE, MAX_FIELD_CHARS
-from api.openapi_links import (
+from api.http.forms import FORM_TYPE, MAX_FIELD_CHARS
+from api.http.openapi_links import (
     ISSUED_BEARER,
     SESSIONS_LINKS,
     TOKEN_LINKS,

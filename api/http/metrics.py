@@ -16,10 +16,10 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import openapi
+from api.http import openapi
 from ledger.db import translated_errors
-from projections.catalog import CATCH_UP
-from projections.runner import lag
+from projections.sql.catalog import CATCH_UP
+from projections.sql.runner import lag
 
 router = APIRouter()
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -15,17 +15,17 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api import openapi as oas
-from api.errors import NO_STORE, BearerError, InvalidRequest, NotFound
-from api.routes import Caller, Service
+from api.http import openapi as oas
+from api.http.dependencies import Caller, Service
+from api.http.errors import NO_STORE, BearerError, InvalidRequest, NotFound
 from ledger.db import translated_errors
 from ledger.events import unknown_types
 from ledger.records import START, Checkpoint, RecordedEvent
 from ledger.serialization import format_timestamp
 from ledger.store import EventStore
 from projections import session
-from projections.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, user_sessions
 from projections.replay import PointInTime, as_of, judge
+from projections.sql.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, user_sessions
 
 router = APIRouter(prefix="/audit")
 MAX_LIMIT = 1000

@@ -10,16 +10,16 @@ from typing import Annotated
 import typer
 from psycopg_pool import ConnectionPool
 
-from api.cli_support import database_url, failures_exit_2, parse_time
-from api.progress import ProgressBar
+from api.cli.progress import ProgressBar
+from api.cli.support import database_url, failures_exit_2, parse_time
 from api.settings import Settings
 from ledger.db import open_pool
 from ledger.store import EventStore
-from projections.catalog import CATCH_UP, PROJECTIONS
-from projections.inline import SESSION_PREFIX, user_sessions
-from projections.rebuild import rebuild as rebuild_projection
 from projections.replay import PointInTime, as_of, parse_policy_changes, what_if
-from projections.runner import Runner, lag
+from projections.sql.catalog import CATCH_UP, PROJECTIONS
+from projections.sql.inline import SESSION_PREFIX, user_sessions
+from projections.sql.rebuild import rebuild as rebuild_projection
+from projections.sql.runner import Runner, lag
 
 history = typer.Typer()
 

@@ -24,7 +24,7 @@ from ledger.db import connect, translated_errors
 from ledger.errors import LedgerError
 from ledger.records import START, Checkpoint
 from ledger.store import EventStore
-from projections.catalog import CATCH_UP, Projection, live_tables
+from projections.sql.catalog import CATCH_UP, Projection, live_tables
 
 Connection = psycopg.Connection[TupleRow]
 

@@ -27,7 +27,7 @@ from ledger.events import (
 )
 from ledger.records import RecordedEvent
 from ledger.serialization import JsonValue, format_timestamp
-from projections.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, statement
+from projections.sql.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, statement
 
 Connection = psycopg.Connection[TupleRow]
 

@@ -15,9 +15,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api import openapi as oas
 from api.accounts import Accounts, Client
-from api.errors import (
+from api.http import openapi as oas
+from api.http.dependencies import Info, Service
+from api.http.errors import (
     NO_STORE,
     InvalidClient,
     InvalidGrant,
@@ -25,8 +26,7 @@ from api.errors import (
     UnauthorizedClient,
     oauth_error_response,
 )
-from api.forms import MAX_FIELD_CHARS, read_body
-from api.routes import Info, Service
+from api.http.forms import MAX_FIELD_CHARS, read_body
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 from ledger.events import BrowserRequestRefused
@@ -254,4 +254,4 @@ def _optional_field(body: dict[str, Any], name: str) -> str | None:
 
 @functools.cache
 def _static(name: str) -> bytes:
-    return resources.files("api").joinpath("static", name).read_bytes()
+    return resources.files("api.http").joinpath("static", name).read_bytes()

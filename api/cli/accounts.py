@@ -1,0 +1,90 @@
+"""`session-ledger users` and `session-ledger clients`: the accounts that log in."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from api.accounts import GRANTS, AccountError, Accounts
+from api.cli.support import database_url as _database_url
+from api.cli.support import failures_exit_2 as _failures_exit_2
+from api.settings import Settings
+from ledger.db import open_pool
+
+users_app = typer.Typer(help="Users who log in.", no_args_is_help=True)
+clients_app = typer.Typer(help="OAuth clients.", no_args_is_help=True)
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", help="A scope the user holds; repeat for more.")
+    ] = None,
+) -> None:
+    """Create a user; the password is prompted for unless --password-stdin is given."""
+    password = _read_secret("password", from_stdin=password_stdin)
+    with _failures_exit_2(), _accounts() as accounts:
+        accounts.add_user(name, password, tuple(scope or ()))
+    typer.echo(f"user {name} created")
+
+
+@clients_app.command("add")
+def clients_add(
+    client_id: Annotated[str, typer.Argument(help="The client id.")],
+    confidential: Annotated[
+        bool, typer.Option("--confidential", help="The client authenticates with a secret.")
+    ] = False,
+    secret_stdin: Annotated[
+        bool, typer.Option("--secret-stdin", help="Read the secret from standard input.")
+    ] = False,
+    grant: Annotated[
+        list[str] | None,
+        typer.Option("--grant", help="A grant type the client may use; repeat for more."),
+    ] = None,
+) -> None:
+    """Create a client. A confidential one without --secret-stdin gets a generated secret,
+    printed once. Grants default to password and refresh_token."""
+    confidential = confidential or secret_stdin
+    generated = confidential and not secret_stdin
+    secret = None
+    if secret_stdin:
+        secret = _read_secret("secret", from_stdin=True)
+    elif generated:
+        secret = secrets.token_urlsafe(32)
+    with _failures_exit_2(), _accounts() as accounts:
+        accounts.add_client(client_id, secret, tuple(grant or GRANTS))
+    kind = "confidential" if confidential else "public"
+    typer.echo(f"{kind} client {client_id} created")
+    if generated:
+        typer.echo(f"client secret (shown once, store it now): {secret}")
+
+
+@contextmanager
+def _accounts() -> Iterator[Accounts]:
+    url = _database_url(Settings.from_env())
+    with open_pool(url, max_size=1) as pool:
+        try:
+            yield Accounts(pool)
+        except AccountError as e:
+            typer.echo(f"session-ledger: {e}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _read_secret(what: str, *, from_stdin: bool) -> str:
+    if from_stdin:
+        value = sys.stdin.readline().rstrip("\r\n")
+    else:
+        value = typer.prompt(f"{what.capitalize()}", hide_input=True, confirmation_prompt=True)
+    if not value:
+        typer.echo(f"session-ledger: the {what} is empty", err=True)
+        raise typer.Exit(2)
+    return value

@@ -1,0 +1,105 @@
+"""The event log as a whole: verify its hash chains, export it, import an export."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from api.cli.progress import ProgressBar
+from api.cli.support import database_url as _database_url
+from api.cli.support import failures_exit_2 as _failures_exit_2
+from api.cli.support import parse_time
+from api.settings import Settings
+from ledger.db import open_pool
+from ledger.errors import InvalidImport, SerializationError
+from ledger.export import ExportFilter, ExportFormat, export_events, import_jsonl
+from ledger.store import EventStore
+
+events_app = typer.Typer()
+
+
+@events_app.command()
+def verify() -> None:
+    """Recompute every stream's hash chain. Exit 0 when all hold, 1 listing each broken link."""
+    with _failures_exit_2():
+        url = _database_url(Settings.from_env())
+        with open_pool(url, max_size=1) as pool:
+            broken = EventStore(pool).verify()
+    for link in broken:
+        typer.echo(f"broken: {link}")
+    if broken:
+        typer.echo(f"{len(broken)} stream(s) have a broken hash chain", err=True)
+        raise typer.Exit(1)
+    typer.echo("every hash chain holds")
+
+
+@events_app.command()
+def export(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="The file to write.")
+    ],
+    format_: Annotated[ExportFormat, typer.Option("--format", help="The file format.")],
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=parse_time,
+            metavar="TIME",
+            help="Only events that occurred at or after TIME (ISO 8601; naive means UTC).",
+        ),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=parse_time, metavar="TIME", help="Only events that occurred before TIME."
+        ),
+    ] = None,
+    type_: Annotated[
+        list[str] | None,
+        typer.Option("--type", metavar="TYPE", help="Only events of this type; repeat for more."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite FILE if it exists.")] = False,
+) -> None:
+    """Write the events to a JSONL, CSV or Parquet file, from one consistent snapshot."""
+    if output.exists() and not force:
+        typer.echo(f"session-ledger: {output} exists; pass --force to overwrite it", err=True)
+        raise typer.Exit(1)
+    where = ExportFilter(since, until, tuple(type_ or ()))
+    with _failures_exit_2():
+        url = _database_url(Settings.from_env())
+        with open_pool(url, max_size=1) as pool:
+            bar = ProgressBar("export")
+            try:
+                count = export_events(pool, output, format_, where, progress=bar, overwrite=force)
+            except OSError as e:
+                typer.echo(f"session-ledger: cannot write {output}: {e}", err=True)
+                raise typer.Exit(1) from None
+            finally:
+                bar.finish()
+    typer.echo(f"exported {count} events to {output}")
+
+
+@events_app.command("import")
+def import_(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A JSONL file written by export.", exists=True, dir_okay=False
+        ),
+    ],
+    append: Annotated[
+        bool, typer.Option("--append", help="Import into a ledger that already holds events.")
+    ] = False,
+) -> None:
+    """Load an exported JSONL file, keeping versions and hash chains; writes nothing on failure."""
+    with _failures_exit_2():
+        url = _database_url(Settings.from_env())
+        with open_pool(url, max_size=1) as pool:
+            try:
+                count = import_jsonl(pool, file, append=append)
+            except (InvalidImport, SerializationError) as e:
+                typer.echo(f"session-ledger: {file}: {e}; nothing was imported", err=True)
+                raise typer.Exit(1) from None
+    typer.echo(f"imported {count} events from {file}")

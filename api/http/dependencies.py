@@ -1,0 +1,48 @@
+"""What every route depends on: the service, the accounts, who is asking, and the bearer."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from api.accounts import Accounts
+from api.http.errors import BearerError
+from api.sessions import RequestInfo, SessionService
+from api.tokens import AccessClaims, InvalidToken
+from projections.session import SessionState
+
+
+def service_of(request: Request) -> SessionService:
+    service: SessionService = request.app.state.service
+    return service
+
+
+def accounts_of(request: Request) -> Accounts:
+    accounts: Accounts = request.app.state.accounts
+    return accounts
+
+
+def request_info(request: Request) -> RequestInfo:
+    ip = request.client.host if request.client else None
+    return RequestInfo(str(uuid.uuid4()), ip, request.headers.get("user-agent"))
+
+
+Service = Annotated[SessionService, Depends(service_of)]
+Info = Annotated[RequestInfo, Depends(request_info)]
+
+
+async def caller_of(request: Request, service: Service) -> tuple[AccessClaims, SessionState]:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise BearerError("a bearer access token is required", error="invalid_request")
+    try:
+        return await run_in_threadpool(service.authenticate, value.strip())
+    except InvalidToken as e:
+        raise BearerError(e.reason) from None
+
+
+Caller = Annotated[tuple[AccessClaims, SessionState], Depends(caller_of)]

@@ -1,0 +1,1 @@
+"""Persisted projections: inline rows, the catch-up runner, rebuild and the catalogue (SQL)."""
