@@ -18,13 +18,12 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts, Client
-from api.http.errors import InvalidGrant, InvalidScope
+from api.errors import InvalidGrant, InvalidScope, InvalidToken
 from api.keys import KeyRing, Sealer, load_keyring, load_refresh_secret
 from api.settings import Settings
 from api.throttle import AddressThrottle
 from api.tokens import (
     AccessClaims,
-    InvalidToken,
     issue_access_token,
     new_session_id,
     parse_refresh_token,

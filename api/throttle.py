@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from psycopg_pool import ConnectionPool
 
-from api.http.errors import SlowDown
+from api.errors import TooManyAttempts
 from ledger.db import translated_errors
 
 
@@ -85,7 +85,7 @@ class AddressThrottle:
         self._swept: datetime | None = None
 
     def take(self, ip: str | None, now: datetime) -> None:
-        """Count one attempt from `ip`; raise SlowDown when its bucket is empty."""
+        """Count one attempt from `ip`; raise TooManyAttempts when its bucket is empty."""
         key = address_key(ip)
         with translated_errors(), self._pool.connection() as conn, conn.transaction():
             # One statement creates the row or locks the existing one and reads it, so the first
@@ -99,7 +99,7 @@ class AddressThrottle:
                 )
         self._sweep(now)
         if not decision.is_admitted:
-            raise SlowDown("too many login attempts from this address", decision.retry_after)
+            raise TooManyAttempts("too many login attempts from this address", decision.retry_after)
 
     def _sweep(self, now: datetime) -> None:
         """Now and then, forget addresses whose bucket is full again (the same as no row)."""

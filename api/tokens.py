@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 
+from api.errors import InvalidToken
 from api.keys import KeyRing
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
@@ -31,12 +32,6 @@ _MAX_GENERATION = 999_999_999
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # session id . generation (decimal, no sign, no leading zero) . 256-bit MAC in unpadded base64url
 _REFRESH_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,64})\.([1-9][0-9]{0,8})\.([A-Za-z0-9_-]{43})")
-
-
-class InvalidToken(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

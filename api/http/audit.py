@@ -15,9 +15,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api.errors import InsufficientScope, InvalidRequest, NotFound
 from api.http import openapi as oas
 from api.http.dependencies import Caller, Service
-from api.http.errors import NO_STORE, BearerError, InvalidRequest, NotFound
+from api.http.errors import NO_STORE
 from ledger.db import translated_errors
 from ledger.events import unknown_types
 from ledger.records import START, Checkpoint, RecordedEvent
@@ -35,7 +36,7 @@ AUDIT_SCOPE = "audit"
 async def _auditor(caller: Caller) -> str:
     claims, _ = caller
     if AUDIT_SCOPE not in claims.scope:
-        raise BearerError("the audit scope is required", status=403, error="insufficient_scope")
+        raise InsufficientScope("the audit scope is required")
     return claims.subject
 
 
@@ -61,7 +62,7 @@ async def session_events(
     stream = f"{SESSION_PREFIX}{session_id}"
     events = await run_in_threadpool(store.read_stream, stream, after + 1, limit)
     if not events and after == 0:
-        raise NotFound(session_id)
+        raise NotFound("no such session")
     body = {
         "events": [event_body(e) for e in events],
         "next": events[-1].version if events else after,
@@ -82,7 +83,7 @@ async def session_as_of(
     moment = _time(as_of_time, "as_of") if as_of_time else service.clock()
     recorded = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
     if not recorded:
-        raise NotFound(session_id)
+        raise NotFound("no such session")
     view = as_of(session_id, [r.event for r in recorded], moment, service.policy)
     return JSONResponse(point_in_time_body(view, service.policy), headers=NO_STORE)
 

@@ -16,15 +16,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.accounts import Accounts, Client
+from api.errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service
 from api.http.errors import (
     NO_STORE,
-    InvalidClient,
-    InvalidGrant,
-    InvalidRequest,
-    UnauthorizedClient,
-    oauth_error_response,
+    BrowserClientRefused,
+    CrossSiteRequestRefused,
+    error_response,
 )
 from api.http.forms import MAX_FIELD_CHARS, read_body
 from api.sessions import RequestInfo, SessionService, TokenGrant
@@ -41,23 +40,6 @@ COOKIE_PATH = "/browser"
 CUSTOM_HEADER = "X-Requested-With"
 JSON_TYPE = "application/json"
 REFUSAL_PREFIX = "browser-refusal:"
-
-
-class CrossSiteRequestRefused(InvalidRequest):
-    """A browser request without an allowed Origin or without the X-Requested-With header."""
-
-    status = 403
-
-
-class BrowserClientRefused(InvalidClient):
-    """The client_id names no public client; a page cannot keep a client secret."""
-
-    # RFC 6749 §5.2 allows 400 when no Authorization header was sent, and a 401 with a Basic
-    # challenge would make the browser ask its user for a password.
-    status = 400
-
-    def headers(self) -> dict[str, str]:
-        return dict(NO_STORE)
 
 
 async def _require_allowed_origin(request: Request, service: Service, info: Info) -> None:
@@ -125,7 +107,7 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
             raise InvalidGrant("there is no browser session: the refresh cookie is missing")
         grant = await run_in_threadpool(service.refresh, token, client, info)
     except InvalidGrant as e:
-        refused = oauth_error_response(e)
+        refused = error_response(e)
         _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser
         return refused
     return _granted(grant, service)

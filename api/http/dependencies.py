@@ -9,9 +9,9 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.accounts import Accounts
-from api.http.errors import BearerError
+from api.http.errors import BearerRequired
 from api.sessions import RequestInfo, SessionService
-from api.tokens import AccessClaims, InvalidToken
+from api.tokens import AccessClaims
 from projections.session import SessionState
 
 
@@ -38,11 +38,8 @@ async def caller_of(request: Request, service: Service) -> tuple[AccessClaims, S
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        raise BearerError("a bearer access token is required", error="invalid_request")
-    try:
-        return await run_in_threadpool(service.authenticate, value.strip())
-    except InvalidToken as e:
-        raise BearerError(e.reason) from None
+        raise BearerRequired("a bearer access token is required")
+    return await run_in_threadpool(service.authenticate, value.strip())
 
 
 Caller = Annotated[tuple[AccessClaims, SessionState], Depends(caller_of)]

@@ -1,119 +1,149 @@
-"""Errors at the HTTP edge: RFC 6749 §5.2 for the OAuth endpoints, RFC 6750 §3 for bearer calls.
+"""The one error table of the HTTP edge: every refusal's status, RFC 6749 §5.2 / RFC 6750 §3 error
+code and headers, looked up along the raised class's MRO.
 
-This module is the only place that knows the RFC error codes and their status codes.
+This module is the only place that knows error codes and their status codes. The core raises
+`api.errors.Refusal`s and the ledger `LedgerError`s; handlers are registered on those bases.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ledger.errors import DatabaseUnavailable
+from api.errors import (
+    InsufficientScope,
+    InvalidClient,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidToken,
+    NotFound,
+    Refusal,
+    TooManyAttempts,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+)
+from ledger.errors import DatabaseUnavailable, LedgerError
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+REALM = "session-ledger"
 
 
-class OAuthError(Exception):
-    """An RFC 6749 error response from the token, revocation or introspection endpoint."""
-
-    status = 400
-    error = "invalid_request"
-
-    def __init__(self, description: str) -> None:
-        super().__init__(description)
-        self.description = description
-
-    def headers(self) -> dict[str, str]:
-        return dict(NO_STORE)
+class CrossSiteRequestRefused(InvalidRequest):
+    """A browser request without an allowed Origin or without the X-Requested-With header."""
 
 
-class InvalidRequest(OAuthError):
-    """A parameter is missing, repeated, malformed or too large."""
+class BrowserClientRefused(InvalidClient):
+    """Browser mode named no public client; a page cannot keep a client secret."""
 
 
-class InvalidGrant(OAuthError):
-    """Bad credentials, or a refresh token that is unknown, rotated, expired or revoked."""
-
-    error = "invalid_grant"
+class BearerRequired(InvalidRequest):
+    """A bearer-authenticated call came without an access token."""
 
 
-class UnsupportedGrantType(OAuthError):
-    """The grant_type is not one this server knows."""
+@dataclass(frozen=True)
+class Answer:
+    """How one class of refusal is answered."""
 
-    error = "unsupported_grant_type"
-
-
-class InvalidScope(OAuthError):
-    """The requested scope is unknown or beyond what the user holds."""
-
-    error = "invalid_scope"
-
-
-class UnauthorizedClient(OAuthError):
-    """The client may not use this grant type."""
-
-    error = "unauthorized_client"
+    status: int
+    error: str
+    challenge: str | None = None
+    """`Basic` or `Bearer`: the WWW-Authenticate scheme of a 401 or 403."""
+    description: str | None = None
+    """A fixed error_description, for errors whose own text must not reach the caller (SQL)."""
+    retry_after: int | None = None
 
 
-class InvalidClient(OAuthError):
-    """Client authentication failed (RFC 6749: 401 with a WWW-Authenticate challenge)."""
+ANSWERS: dict[type[Exception], Answer] = {
+    Refusal: Answer(400, "invalid_request"),  # a refusal without a row of its own
+    InvalidRequest: Answer(400, "invalid_request"),
+    CrossSiteRequestRefused: Answer(403, "invalid_request"),
+    BearerRequired: Answer(401, "invalid_request", "Bearer"),
+    RequestValidationError: Answer(
+        400, "invalid_request", description="malformed request parameters"
+    ),
+    InvalidClient: Answer(401, "invalid_client", "Basic"),
+    # RFC 6749 §5.2 allows 400 when no Authorization header was sent, and a 401 with a Basic
+    # challenge would make the browser ask its user for a password.
+    BrowserClientRefused: Answer(400, "invalid_client"),
+    UnauthorizedClient: Answer(400, "unauthorized_client"),
+    UnsupportedGrantType: Answer(400, "unsupported_grant_type"),
+    InvalidGrant: Answer(400, "invalid_grant"),
+    InvalidScope: Answer(400, "invalid_scope"),
+    # `slow_down` is the code RFC 8628 registers for token endpoint responses.
+    TooManyAttempts: Answer(429, "slow_down"),
+    InvalidToken: Answer(401, "invalid_token", "Bearer"),
+    InsufficientScope: Answer(403, "insufficient_scope", "Bearer"),
+    NotFound: Answer(404, "not_found"),
+    DatabaseUnavailable: Answer(
+        503, "temporarily_unavailable", description="the database cannot be reached", retry_after=5
+    ),
+    # Any other ledger failure (a lost race, a refused statement): its text may hold SQL.
+    LedgerError: Answer(
+        503,
+        "temporarily_unavailable",
+        description="the ledger could not complete the request; retry it",
+        retry_after=1,
+    ),
+}
 
-    status = 401
-    error = "invalid_client"
 
-    def headers(self) -> dict[str, str]:
-        return {**NO_STORE, "WWW-Authenticate": 'Basic realm="session-ledger"'}
-
-
-class SlowDown(OAuthError):
-    """Too many attempts from one address: 429 with Retry-After (the `slow_down` code RFC 8628
-    registers for token endpoint responses)."""
-
-    status = 429
-    error = "slow_down"
-
-    def __init__(self, description: str, retry_after: timedelta) -> None:
-        super().__init__(description)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {**NO_STORE, "Retry-After": str(max(1, math.ceil(self.retry_after.total_seconds())))}
+def answer_for(exc: Exception) -> Answer:
+    """The table's answer for the most specific class of `exc` that it lists."""
+    for cls in type(exc).__mro__:
+        if cls in ANSWERS:
+            return ANSWERS[cls]
+    raise LookupError(f"no answer for {type(exc).__name__}")
 
 
-class BearerError(Exception):
-    """A bearer-authenticated call without a usable access token (RFC 6750 §3.1)."""
+def error_response(exc: Exception) -> JSONResponse:
+    """The RFC-shaped JSON error response for a refusal (or a ledger failure)."""
+    answer = answer_for(exc)
+    description = answer.description or getattr(exc, "description", None) or answer.error
+    headers = dict(NO_STORE)
+    if answer.challenge == "Basic":
+        headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
+    elif answer.challenge == "Bearer":
+        headers["WWW-Authenticate"] = _bearer_challenge(answer, description)
+    retry_after = _retry_after(exc, answer)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(error_body(answer.error, description), answer.status, headers)
 
-    def __init__(self, description: str, *, status: int = 401, error: str = "invalid_token"):
-        super().__init__(description)
-        self.description = description
-        self.status = status
-        self.error = error
 
-
-class NotFound(Exception):
-    """The resource does not exist or is not the caller's."""
+def error_body(error: str, description: str) -> dict[str, str]:
+    return {"error": error, "error_description": description}
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn these errors into RFC-shaped responses, and refuse
-    oversized request targets and headers and NUL characters in paths and query strings
+    """Answer every refusal, request validation error and ledger failure from the table, and
+    refuse oversized request targets and headers and NUL characters in paths and query strings
     (PostgreSQL text cannot hold them)."""
-
     app.add_middleware(_RequestGuard)
-    app.add_exception_handler(OAuthError, _oauth_error)  # type: ignore[arg-type]
-    app.add_exception_handler(BearerError, _bearer_error)  # type: ignore[arg-type]
-    app.add_exception_handler(NotFound, _not_found)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(DatabaseUnavailable, _unavailable)
+    for base in (Refusal, RequestValidationError, LedgerError):
+        app.add_exception_handler(base, _handle)
 
 
-def oauth_error_body(error: str, description: str) -> dict[str, str]:
-    return {"error": error, "error_description": description}
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+def _bearer_challenge(answer: Answer, description: str) -> str:
+    challenge = f'Bearer realm="{REALM}", error="{answer.error}"'
+    if answer.status == 401 and answer.error == "invalid_token":
+        challenge += f', error_description="{description}"'
+    return challenge
+
+
+def _retry_after(exc: Exception, answer: Answer) -> int | None:
+    if isinstance(exc, TooManyAttempts):
+        return max(1, math.ceil(exc.retry_after.total_seconds()))
+    return answer.retry_after
 
 
 MAX_TARGET_BYTES = 8 * 1024
@@ -135,7 +165,7 @@ class _RequestGuard:
             await self._app(scope, receive, send)
             return
         status, description = refusal
-        body = oauth_error_body("invalid_request", description)
+        body = error_body("invalid_request", description)
         await JSONResponse(body, status_code=status, headers=NO_STORE)(scope, receive, send)
 
 
@@ -152,36 +182,3 @@ def _refusal(scope: Scope) -> tuple[int, str] | None:
     if "\x00" in scope["path"] or b"%00" in lowered or b"\x00" in lowered:
         return 400, "NUL characters are not allowed"
     return None
-
-
-def oauth_error_response(exc: OAuthError) -> JSONResponse:
-    body = oauth_error_body(exc.error, exc.description)
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
-
-
-async def _oauth_error(request: Request, exc: OAuthError) -> JSONResponse:
-    return oauth_error_response(exc)
-
-
-async def _bearer_error(request: Request, exc: BearerError) -> JSONResponse:
-    challenge = f'Bearer realm="session-ledger", error="{exc.error}"'
-    if exc.status == 401 and exc.error == "invalid_token":
-        challenge += f', error_description="{exc.description}"'
-    headers = {**NO_STORE, "WWW-Authenticate": challenge}
-    body = oauth_error_body(exc.error, exc.description)
-    return JSONResponse(body, status_code=exc.status, headers=headers)
-
-
-async def _not_found(request: Request, exc: Exception) -> JSONResponse:
-    body = oauth_error_body("not_found", "no such session")
-    return JSONResponse(body, status_code=404, headers=NO_STORE)
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    body = oauth_error_body("invalid_request", "malformed request parameters")
-    return JSONResponse(body, status_code=400, headers=NO_STORE)
-
-
-async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-    body = oauth_error_body("temporarily_unavailable", "the database cannot be reached")
-    return JSONResponse(body, status_code=503, headers={**NO_STORE, "Retry-After": "5"})

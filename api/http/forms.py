@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, unquote
 
 from fastapi import Request
 
-from api.http.errors import InvalidClient, InvalidRequest
+from api.errors import InvalidClient, InvalidRequest
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_FIELD_CHARS = 2048

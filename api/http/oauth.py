@@ -10,15 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.accounts import GRANTS, Client
+from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service, accounts_of
-from api.http.errors import (
-    NO_STORE,
-    InvalidClient,
-    InvalidRequest,
-    UnauthorizedClient,
-    UnsupportedGrantType,
-)
+from api.http.errors import NO_STORE
 from api.http.forms import client_credentials, read_form, required
 from api.sessions import TokenGrant
 

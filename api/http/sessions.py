@@ -8,9 +8,10 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api.errors import NotFound
 from api.http import openapi as oas
 from api.http.dependencies import Caller, Info, Service
-from api.http.errors import NO_STORE, NotFound
+from api.http.errors import NO_STORE
 from ledger.serialization import format_timestamp
 from projections import session
 from projections.session import SessionState
@@ -47,7 +48,7 @@ async def sessions(caller: Caller, service: Service) -> JSONResponse:
 async def end_session(session_id: str, caller: Caller, service: Service, info: Info) -> Response:
     claims, _ = caller
     if not await run_in_threadpool(service.end_session, claims.subject, session_id, info):
-        raise NotFound(session_id)
+        raise NotFound("no such session")
     return Response(status_code=204, headers=NO_STORE)
 
 

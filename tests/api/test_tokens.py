@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api.errors import InvalidToken
 from api.keys import KeyRing, new_signing_key
 from api.tokens import (
     AccessClaims,
-    InvalidToken,
     issue_access_token,
     new_session_id,
     parse_refresh_token,
@@ -343,7 +343,7 @@ def test_verify_rejects(attack: str) -> None:
     build, reason = ATTACKS[attack]
     with pytest.raises(InvalidToken) as caught:
         _verify(build())
-    assert reason in caught.value.reason
+    assert reason in caught.value.description
 
 
 @pytest.mark.parametrize(
@@ -391,7 +391,7 @@ def test_a_changed_character_never_yields_other_claims(index: int, char: str) ->
 
 def test_invalid_token_keeps_its_reason() -> None:
     error = InvalidToken("token has expired")
-    assert error.reason == "token has expired"
+    assert error.description == "token has expired"
     assert str(error) == "token has expired"
 
 
