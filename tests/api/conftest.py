@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +23,7 @@ from api.throttle import RateLimit
 from ledger.clock import ManualClock
 from ledger.store import EventStore, RecordedEvent
 from projections.session import Policy
+from tests.waiting import wait_until
 
 # Cheap argon2id parameters keep the suite fast; verification cost follows the stored hash.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -96,11 +96,12 @@ def serve_on(app: Any, sock: socket.socket) -> Callable[[], None]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # readiness, not timing: bounded by the deadline
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API server did not start")
-        time.sleep(0.01)
+
+    def started() -> bool:
+        assert server.started or thread.is_alive(), "the API server stopped before it started"
+        return server.started
+
+    wait_until(started, timeout=30, what="the API server to start")
 
     def stop() -> None:
         server.should_exit = True

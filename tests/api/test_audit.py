@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -13,6 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from projections.sql.runner import Runner
 from tests.api.conftest import PASSWORD, LiveServer
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -194,7 +194,8 @@ def test_the_server_keeps_catch_up_projections_current_by_itself(
     live = live_factory(run_projections=True)
     live.login()
     # The runner wakes on NOTIFY; wait (bounded) for it instead of running it from the test.
-    deadline = time.monotonic() + 20
-    while "session_ledger_logins_total 1" not in live.get("/metrics").text:
-        assert time.monotonic() < deadline, "the server's runner did not apply the login"
-        time.sleep(0.05)
+    wait_until(
+        lambda: "session_ledger_logins_total 1" in live.get("/metrics").text,
+        timeout=20,
+        what="the server's runner to apply the login",
+    )

@@ -15,6 +15,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
+from ledger.chain import Envelope
 from ledger.db import SCHEMA_VERSION
 from ledger.events import ActivityRecorded, SessionEnded
 from ledger.store import EventStore, Stream
@@ -53,9 +54,21 @@ def test_verify_exits_1_naming_a_tampered_stream_and_version(
     admin.execute(
         "UPDATE events SET data = '{\"reason\": \"idle\"}' WHERE stream_id = 's-2' AND version = 2"
     )
+    row = admin.execute(
+        "SELECT stream_id, stream_type, version, type, schema_version, occurred_at, data,"
+        " metadata, prev_hash, hash FROM events WHERE stream_id = 's-2' AND version = 2"
+    ).fetchone()
+    assert row is not None
+    *fields, prev_hash, written = row
+    assert isinstance(prev_hash, bytes)
+    assert isinstance(written, bytes)
+    recomputed = Envelope.of(*fields).link_hash(prev_hash)  # type: ignore[arg-type]
     result = run("verify", env={"LEDGER_DATABASE_URL": db_url})
     assert result.returncode == 1
-    assert "stream s-2 version 2" in result.stdout
+    [line] = result.stdout.splitlines()
+    assert "stream s-2 version 2" in line
+    assert f"expected {recomputed.hex()}, found {written.hex()}" in line
+    assert recomputed != written
     assert "s-1" not in result.stdout
 
 

@@ -59,6 +59,28 @@ def test_refresh_rotates_and_the_old_token_is_spent(live: LiveServer) -> None:
     assert second["access_token"] != first["access_token"]
     assert live.types() == ["SessionStarted", "RefreshTokenRotated", "ActivityRecorded"]
 
+    live.clock.advance(timedelta(seconds=10))  # the old token again, within the grace window
+    retry = live.refresh(first["refresh_token"])
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["refresh_token"] == second["refresh_token"]
+    assert live.types() == ["SessionStarted", "RefreshTokenRotated", "ActivityRecorded"]
+
+    live.clock.advance(timedelta(seconds=1))  # and once the grace window is over
+    spent = live.refresh(first["refresh_token"])
+    assert_oauth_error(spent, 400, "invalid_grant")
+    assert live.types() == [
+        "SessionStarted",
+        "RefreshTokenRotated",
+        "ActivityRecorded",
+        "RefreshTokenReuseDetected",
+        "SessionEnded",
+    ]
+    ended = live.events("session:")[-1].event
+    assert ended.reason == "reuse_detected"  # type: ignore[attr-defined]
+    assert_oauth_error(live.refresh(second["refresh_token"]), 400, "invalid_grant")
+    activity = live.post("/sessions/current/activity", headers=live.bearer(second["access_token"]))
+    assert activity.status_code == 401, activity.text
+
 
 def test_a_retry_in_the_grace_window_gets_the_same_successor(live: LiveServer) -> None:
     first = live.login()

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -21,6 +20,7 @@ from ledger.store import START, EventStore
 from tests.api.conftest import PASSWORD
 from tests.api.test_cli import EXECUTABLE, run
 from tests.api.test_hostile import race_refreshes
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -45,18 +45,16 @@ def serving(*args: str, env: dict[str, str]) -> Iterator[tuple[str, subprocess.P
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # readiness, bounded by the deadline
+
+        def answers() -> bool:
             if process.poll() is not None:
                 raise AssertionError(f"serve exited early: {process.communicate()[0]}")
             try:
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
+                return requests.get(f"{url}/healthz", timeout=2).status_code == 200
             except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("serve did not answer within 60 s")
-            time.sleep(0.1)
+                return False
+
+        wait_until(answers, timeout=60, what="serve to answer /healthz")
         yield url, process
     finally:
         stop_process_group(process)

@@ -187,11 +187,6 @@ def test_bearer_endpoints_refuse_missing_and_bad_tokens(live: LiveServer) -> Non
     assert_invalid_token(live.get("/sessions", headers=live.bearer(tokens["access_token"])))
 
 
-def test_healthz(live: LiveServer) -> None:
-    response = live.get("/healthz")
-    assert (response.status_code, response.json()["database"]) == (200, True)
-
-
 def test_rotated_keys_sign_new_tokens_while_old_tokens_still_verify(
     live_factory: Callable[..., LiveServer],
 ) -> None:

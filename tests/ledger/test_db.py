@@ -16,6 +16,7 @@ from psycopg_pool import PoolTimeout
 
 from ledger.db import RUNTIME_ROLE, LedgerPool, connect, open_pool, translated_errors
 from ledger.errors import DatabaseUnavailable
+from tests.waiting import wait_until
 
 Admin = psycopg.Connection[tuple[Any, ...]]
 
@@ -84,9 +85,9 @@ def test_callers_already_waiting_are_answered_when_the_server_is_found_down(
     ):
         held = pool.getconn()
         waiter: Future[None] = executor.submit(_select_one, pool)
-        while pool.get_stats().get("requests_waiting", 0) == 0:  # bounded by the waiter's 30 s
-            assert not waiter.done(), waiter.exception()
-            time.sleep(0.01)
+        waiting = lambda: pool.get_stats().get("requests_waiting", 0) > 0 or waiter.done()  # noqa: E731
+        wait_until(waiting, timeout=30, what="the caller to wait for a connection")
+        assert not waiter.done(), waiter.exception()
         _allow_connections(pg_server_url, db_url, False)
         with pytest.raises(psycopg.OperationalError):
             held.execute("SELECT 1")  # cut under the one connection the pool has

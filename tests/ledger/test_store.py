@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from ledger.chain import Envelope
 from ledger.db import open_pool
 from ledger.errors import (
     ConcurrencyConflict,
@@ -286,6 +288,20 @@ def test_verify_passes_on_an_untouched_ledger(store: EventStore) -> None:
     assert store.verify() == []
 
 
+def stored_link(admin: Admin, stream_id: str, version: int) -> tuple[bytes, bytes, Envelope]:
+    """An event's stored prev_hash and hash, and the envelope of what is stored now."""
+    row = admin.execute(
+        "SELECT prev_hash, hash, stream_id, stream_type, version, type, schema_version,"
+        " occurred_at, data, metadata FROM events WHERE stream_id = %s AND version = %s",
+        (stream_id, version),
+    ).fetchone()
+    assert row is not None
+    prev_hash, stored_hash, *fields = row
+    assert isinstance(prev_hash, bytes)
+    assert isinstance(stored_hash, bytes)
+    return prev_hash, stored_hash, Envelope.of(*fields)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("tamper", "version", "reason"),
     [
@@ -307,12 +323,25 @@ def test_verify_names_the_first_broken_link(
     store.append(session(), 0, [started(), SessionEnded(occurred_at=T0, reason="logout")])
     store.append(session(), 2, [activity(3)])
     store.append(session(2), 0, [started(), activity(1)])
+    _, first_hash, _ = stored_link(admin, "session-1", 1)
+    _, second_hash, _ = stored_link(admin, "session-1", 2)
     admin.execute("ALTER TABLE events DISABLE TRIGGER USER")
     admin.execute(tamper.replace("WHERE", "WHERE stream_id = 'session-1' AND"))
     broken = store.verify()
     assert [(b.stream_id, b.version) for b in broken] == [("session-1", version)]
     assert reason in broken[0].reason
-    assert broken[0].expected != broken[0].found
+    if reason == "content":  # the hash of what is stored now, against the hash written then
+        prev_hash, stored_hash, tampered = stored_link(admin, "session-1", 2)
+        assert (prev_hash, stored_hash) == (first_hash, second_hash)
+        recomputed = hashlib.sha256(prev_hash + tampered.body()).digest()
+        assert recomputed == tampered.link_hash(prev_hash)
+        expected, found = recomputed.hex(), second_hash.hex()
+    elif reason == "prev_hash does not match":  # version 1's hash, against the one put in its place
+        expected, found = first_hash.hex(), second_hash.hex()
+    else:  # the version that should follow 1, against the one that does
+        expected, found = "2", "3"
+    assert (broken[0].expected, broken[0].found) == (expected, found)
+    assert expected != found
 
 
 def _records(stream_id: str, versions: range) -> list[ImportRecord]:

@@ -8,7 +8,6 @@ open transaction instead, so a test can hold a writer's transaction open.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -339,12 +338,3 @@ def applied_times(admin: Admin) -> dict[int, int]:
 
 def positions(admin: Admin) -> list[int]:
     return [int(str(p)) for (p,) in admin.execute("SELECT position FROM events ORDER BY 1")]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll another process's progress (a backend waiting or exiting); bounded, never a clock."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)

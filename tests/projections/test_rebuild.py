@@ -31,9 +31,9 @@ from tests.projections.histories import (
     create_counting_table,
     positions,
     snapshot,
-    wait_until,
     write_varied_history,
 )
+from tests.waiting import wait_until
 
 
 class PidRecordingStore(EventStore):
@@ -60,7 +60,8 @@ def assert_nothing_left_behind(admin: Admin, store: PidRecordingStore) -> None:
     """Once the rebuild's server process is gone: no scratch tables, no advisory locks."""
     wait_until(
         lambda: all(backend_gone(admin, pid) for pid in store.pids),
-        "the rebuild's server process to exit",
+        timeout=10,
+        what="the rebuild's server process to exit",
     )
     scratch = admin.execute(r"SELECT relname FROM pg_class WHERE relname LIKE '%\_rebuild'")
     assert scratch.fetchall() == []
@@ -281,9 +282,11 @@ def test_inline_rebuild_waits_for_an_open_writer_and_includes_its_events(
         writer.expire(sessions[-1], conn=open_writer)  # records the silent idle expiry
         ready = writer.sessions[-1]
         thread.start()
-        wait_until(lambda: bool(recording.pids), "the rebuild to start")
+        wait_until(lambda: bool(recording.pids), timeout=10, what="the rebuild to start")
         (pid,) = recording.pids
-        wait_until(lambda: is_waiting(admin, pid), "the rebuild to wait for the writer")
+        wait_until(
+            lambda: is_waiting(admin, pid), timeout=10, what="the rebuild to wait for the writer"
+        )
         open_writer.commit()
     thread.join(timeout=30)
 

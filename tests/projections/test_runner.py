@@ -38,9 +38,9 @@ from tests.projections.histories import (
     counting_projection,
     create_counting_table,
     positions,
-    wait_until,
     write_varied_history,
 )
+from tests.waiting import wait_until
 
 
 class Crash(Exception):
@@ -324,7 +324,11 @@ def test_concurrent_batches_queue_on_the_checkpoint_and_never_overlap(
     try:
         assert entered.wait(timeout=30)
         two.start()
-        wait_until(lambda: is_waiting_on_lock(admin, pids.get("two")), "the second batch to wait")
+        wait_until(
+            lambda: is_waiting_on_lock(admin, pids.get("two")),
+            timeout=10,
+            what="the second batch to wait",
+        )
         for session_id in first_sessions:  # committed while the first batch is open
             assert session_id is not None
             writer.logout(session_id)

@@ -33,6 +33,7 @@ from projections.sql.rebuild import rebuild
 from tests.api.conftest import CHEAP_HASHER, PASSWORD, TEST_POLICY, serve_in_thread
 from tests.api.test_cli import EXECUTABLE, run
 from tests.api.test_serve import free_port, stop_process_group
+from tests.waiting import wait_until
 
 # The longest any request may take while the database is down. Once a pool has found the
 # server unreachable (a cut connection, then a failed probe) a request waits at most
@@ -123,11 +124,14 @@ def two_workers(url: str, tmp_path: Path) -> Iterator[str]:
 
 
 def wait_until_serving(base: str, process: subprocess.Popen[str], log_path: Path) -> None:
-    deadline = time.monotonic() + SERVE_STARTUP
-    while not (is_healthy(base) and log_path.read_text().count(READY) >= 2):  # bounded below
+    def ready() -> bool:
         assert process.poll() is None, f"serve exited with {process.returncode}:{tail(log_path)}"
-        assert time.monotonic() < deadline, f"serve not ready in {SERVE_STARTUP} s:{tail(log_path)}"
-        time.sleep(0.1)
+        return is_healthy(base) and log_path.read_text().count(READY) >= 2
+
+    try:
+        wait_until(ready, timeout=SERVE_STARTUP, what="serve ready")
+    except AssertionError as e:
+        raise AssertionError(f"{e}:{tail(log_path)}") from None
 
 
 def is_healthy(base: str) -> bool:
@@ -225,13 +229,6 @@ class ClientLoop:
         return seen
 
 
-def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # a condition, not a timing: bounded by the deadline
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.05)
-
-
 def login(base: str, username: str) -> dict[str, Any]:
     form = {"grant_type": "password", "client_id": "spa", "username": username}
     response = requests.post(f"{base}/oauth/token", data={**form, "password": PASSWORD}, timeout=60)
@@ -283,7 +280,9 @@ def outage_under_load(
     """Stop PostgreSQL under the client loop, then start it again without touching the API.
     Returns the stopped loop, and when the server went down, came up, and was used again."""
     with ClientLoop(base, refresh_tokens) as loop:
-        wait_for(lambda: loop.count("refresh", 200) >= 6, 30, "refreshes before the outage")
+        wait_until(
+            lambda: loop.count("refresh", 200) >= 6, timeout=30, what="refreshes before the outage"
+        )
         assert stop_embedded(data_dir)
         down = time.monotonic()
 
@@ -293,12 +292,18 @@ def outage_under_load(
         health, seconds = timed(lambda: requests.get(f"{base}/healthz", timeout=60))
         assert (health.status_code, health.json()["database"]) == (503, False)
         assert seconds < REQUEST_BOUND
-        wait_for(lambda: loop.count("refresh", 503, down) >= 3, 60, "503s to refreshes")
+        wait_until(
+            lambda: loop.count("refresh", 503, down) >= 3, timeout=60, what="503s to refreshes"
+        )
 
         assert start_database(data_dir) == url  # same data dir, same socket, same URL
         up = time.monotonic()
-        wait_for(lambda: loop.count("login", 200, up) >= 1, 60, "a login after the restart")
-        wait_for(lambda: loop.count("refresh", 200, up) >= 3, 60, "refreshes after it")
+        wait_until(
+            lambda: loop.count("login", 200, up) >= 1, timeout=60, what="a login after the restart"
+        )
+        wait_until(
+            lambda: loop.count("refresh", 200, up) >= 3, timeout=60, what="refreshes after it"
+        )
         recovered = time.monotonic()
     return loop, down, up, recovered
 

@@ -34,7 +34,7 @@ from tests.api import conftest as api_fixtures
 from tests.api.conftest import PASSWORD
 from tests.api.test_cli import run
 from tests.api.test_serve import serving
-from tests.reliability.test_outage import wait_for
+from tests.waiting import wait_until
 
 accounts = api_fixtures.accounts
 
@@ -81,7 +81,7 @@ def serving_two_workers(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str
         drainer = threading.Thread(target=log.drain, args=(process.stdout,), daemon=True)
         drainer.start()
         try:
-            wait_for(lambda: log.count(READY) >= 2, 60, "both workers ready")
+            wait_until(lambda: log.count(READY) >= 2, timeout=60, what="both workers ready")
             yield url, process, log
         finally:
             # The supervisor stops its workers itself; a SIGTERM to the whole group would have it
@@ -215,14 +215,15 @@ class Storm:
 
     def until(self, condition: Callable[[], bool], clients: list[Future[list[str]]]) -> None:
         """Wait for `condition` while every client runs; a client's failure is raised here."""
-        while not condition():  # a condition, not a timing: bounded by the deadline
+
+        def reached() -> bool:
             for done in (c for c in clients if c.done()):
                 done.result()
                 raise AssertionError("a client stopped before the storm did")
-            assert time.monotonic() < self.deadline, (
-                f"the storm did not get there in {STORM_BOUND} s"
-            )
-            time.sleep(0.02)
+            return condition()
+
+        remaining = self.deadline - time.monotonic()
+        wait_until(reached, timeout=remaining, what=f"the storm to get there in {STORM_BOUND} s")
 
 
 def storm_with_a_kill(
