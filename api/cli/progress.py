@@ -1,42 +1,49 @@
+"""Progress of long CLI commands (export, rebuild) on stderr, drawn by rich."""
+
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr: done of total, rate and time left."""
+    """A `progress(done, total)` callback: label, bar, done/total events, rate and time left."""
 
-    def __init__(self, label: str, *, stream: TextIO = sys.stderr, every: float = 0.2) -> None:
+    def __init__(self, label: str, *, stream: TextIO | None = None) -> None:
+        # Not a terminal (a pipe, a test): rich draws no live bar, and finish() prints the
+        # final line once, so logs get one line per command rather than control codes.
+        console = Console(file=stream or sys.stderr, width=100)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("left"),
+            console=console,
+            transient=False,
+        )
+        self._task: TaskID | None = None
         self._label = label
-        self._stream = stream
-        self._every = every
-        self._started = time.monotonic()
-        self._shown = 0.0
-        self._line = ""
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._shown < self._every and done < total:
-            return
-        self._shown = now
-        self._line = render(self._label, done, total, now - self._started)
-        self._stream.write("\r" + self._line)
-        self._stream.flush()
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=total, rate="")
+        speed = self._progress.tasks[0].speed or 0.0
+        self._progress.update(self._task, completed=done, total=total, rate=f"{speed:,.0f}/s")
 
     def finish(self) -> None:
-        if self._line:
-            self._stream.write("\n")
-            self._stream.flush()
-
-
-def render(label: str, done: int, total: int, seconds: float, width: int = 24) -> str:
-    """`label [#####-----] 1,000/2,000 events  500/s  0:02 left`."""
-    fraction = min(done / total, 1.0) if total else 1.0
-    filled = int(fraction * width)
-    rate = done / seconds if seconds > 0 else 0.0
-    left = (total - done) / rate if rate > 0 and total > done else 0.0
-    minutes, secs = divmod(int(left), 60)
-    bar = "#" * filled + "-" * (width - filled)
-    return f"{label} [{bar}] {done:,}/{total:,} events  {rate:,.0f}/s  {minutes}:{secs:02d} left"
+        if self._task is not None:
+            self._progress.stop()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 from typing import Annotated
 
 import typer
@@ -50,6 +53,7 @@ def serve(
     # the embedded PostgreSQL is stopped at exit; exiting normally lets that happen.
     signal.signal(signal.SIGTERM, _exit_normally)
     typer.echo(f"session-ledger listening on {base}", err=True)
+    _share_metrics_dir(workers)
     uvicorn.run(
         "api.http.app:app_from_env",
         factory=True,
@@ -62,6 +66,18 @@ def serve(
         # uvicorn's 5 s before it answers the supervisor's first ping; it is not hung.
         timeout_worker_healthcheck=30,
     )
+
+
+def _share_metrics_dir(workers: int) -> None:
+    """Make a private directory where the workers' latency samples meet, so /metrics sums them."""
+    if workers == 1:
+        return  # one process: nothing to add up
+    # mkdtemp makes it mode 0700: no other user may read or plant samples. A worker that uvicorn
+    # restarts writes new files under its new pid; the dead one's counts stay summed, as counters
+    # must (mark_process_dead only concerns live gauges, which we do not keep).
+    path = tempfile.mkdtemp(prefix="session-ledger-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)  # SIGTERM exits normally, above
 
 
 def _url_host(host: str) -> str:

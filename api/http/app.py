@@ -44,7 +44,7 @@ def create_app(
             app.state.service = await run_in_threadpool(
                 SessionService, pool, accounts, settings, (clock or SystemClock()).now, sealer
             )
-            app.state.latency = latency
+            app.state.metrics = metrics.registry(latency, pool, app.state.service.clock)
             runner = _start_runner(database_url, pool) if settings.run_projections else None
             yield
         finally:
@@ -53,7 +53,7 @@ def create_app(
             await run_in_threadpool(pool.close)
 
     app = FastAPI(title="session-ledger", lifespan=lifespan)
-    latency = metrics.Latency()
+    latency = metrics.latency_histogram()
     errors.install(app)
     metrics.install(app, latency)
     app.include_router(oauth.router)

@@ -1,34 +1,35 @@
-"""GET /metrics in the Prometheus text format.
+"""GET /metrics in the Prometheus text format, through prometheus_client.
 
-Business counters come from the hourly_stats projection, so every worker reports the same totals
-(as current as the catch-up runner). Request latency is measured per process.
+Business counters and projection lag are read from the database at scrape time, so every worker
+reports the same totals (as current as the catch-up runner). Request latency is a histogram; under
+`serve --workers N` each worker writes its samples to PROMETHEUS_MULTIPROC_DIR and a scrape, which
+reaches one worker, sums all of them.
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
+import os
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.http import openapi
 from ledger.db import translated_errors
 from projections.sql.catalog import CATCH_UP
-from projections.sql.runner import lag
+from projections.sql.runner import Lag, lag
+from projections.sql.totals import HourlyTotals, hourly_totals
 
 router = APIRouter()
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_TOTALS = """
-SELECT coalesce(sum(logins), 0), coalesce(sum(login_failures), 0), coalesce(sum(refreshes), 0),
-       coalesce(sum(reuse_detections), 0), coalesce(sum(revocations), 0),
-       coalesce(sum(idle_expiries), 0), coalesce(sum(absolute_expiries), 0)
-  FROM hourly_stats
-"""
 _COUNTERS = (
     ("logins", "Successful logins."),
     ("login_failures", "Failed login attempts."),
@@ -38,45 +39,46 @@ _COUNTERS = (
 )
 
 
-class Latency:
-    """Request-duration histograms per route, method and status class."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._series: dict[tuple[str, str, str], list[float]] = {}
-
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, f"{status // 100}xx")
-        with self._lock:
-            counts = self._series.setdefault(key, [0.0] * (len(BUCKETS) + 2))
-            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-            counts[-1] += seconds
-
-    def render(self) -> list[str]:
-        name = "session_ledger_http_request_duration_seconds"
-        lines = [f"# HELP {name} Time to answer HTTP requests.", f"# TYPE {name} histogram"]
-        with self._lock:
-            series = {key: list(counts) for key, counts in self._series.items()}
-        for (route, method, status), counts in sorted(series.items()):
-            labels = f'route="{route}",method="{method}",status="{status}"'
-            cumulative = 0.0
-            for bound, count in zip((*BUCKETS, "+Inf"), counts[:-1], strict=True):
-                cumulative += count
-                lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative:.0f}')
-            lines.append(f"{name}_sum{{{labels}}} {counts[-1]:.6f}")
-            lines.append(f"{name}_count{{{labels}}} {cumulative:.0f}")
-        return lines
+def latency_histogram() -> Histogram:
+    """One per app and registered nowhere yet, so two apps in one process do not collide."""
+    return Histogram(
+        "session_ledger_http_request_duration_seconds",
+        "Time to answer HTTP requests.",
+        ("route", "method", "status"),
+        buckets=BUCKETS,
+        registry=None,
+    )
 
 
-def install(app: FastAPI, latency: Latency) -> None:
+def is_multiprocess() -> bool:
+    # prometheus_client chose mmap-file storage from this variable when it was imported;
+    # collecting has to follow the same choice.
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def registry(
+    latency: Histogram, pool: ConnectionPool, clock: Callable[[], datetime]
+) -> CollectorRegistry:
+    """What /metrics renders: the latency of this app (or of every worker) and the ledger's."""
+    registry = CollectorRegistry()
+    if is_multiprocess():
+        # prometheus_client leaves this constructor untyped.
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # every worker's files
+    else:
+        registry.register(latency)
+    registry.register(_Ledger(pool, clock))
+    return registry
+
+
+def install(app: FastAPI, latency: Histogram) -> None:
     """Measure every request (by route template, so ids do not make new series)."""
     app.add_middleware(_Measure, latency=latency)
 
 
 class _Measure:
-    """Plain ASGI, so that measuring costs a clock read and a dictionary update per request."""
+    """Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task per request."""
 
-    def __init__(self, app: ASGIApp, latency: Latency) -> None:
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
         self._app = app
         self._latency = latency
 
@@ -98,34 +100,54 @@ class _Measure:
         finally:
             # Starlette's router records the route it chose in the scope: its template.
             route = str(getattr(scope.get("route"), "path", "unmatched"))
-            self._latency.observe(route, scope["method"], status, time.perf_counter() - started)
+            series = self._latency.labels(route, scope["method"], f"{status // 100}xx")
+            series.observe(time.perf_counter() - started)
+
+
+class _Ledger(Collector):
+    """Business counters and projection lag, read from the database at each scrape."""
+
+    def __init__(self, pool: ConnectionPool, clock: Callable[[], datetime]) -> None:
+        self._pool = pool
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        with translated_errors(), self._pool.connection() as conn:
+            totals = hourly_totals(conn)
+            lags = {p.name: lag(conn, p, self._clock()) for p in CATCH_UP}
+        yield from _counters(totals)
+        yield from _lag_gauges(lags)
+
+
+def _counters(totals: HourlyTotals) -> Iterator[Metric]:
+    for name, text in _COUNTERS:
+        yield CounterMetricFamily(f"session_ledger_{name}", text, value=getattr(totals, name))
+    expiries = CounterMetricFamily(
+        "session_ledger_expiries", "Sessions ended by a timeout.", labels=("kind",)
+    )
+    expiries.add_metric(("idle",), totals.idle_expiries)
+    expiries.add_metric(("absolute",), totals.absolute_expiries)
+    yield expiries
+
+
+def _lag_gauges(lags: dict[str, Lag]) -> Iterator[Metric]:
+    events = GaugeMetricFamily(
+        "session_ledger_projection_lag_events", "Events not yet applied.", labels=("projection",)
+    )
+    seconds = GaugeMetricFamily(
+        "session_ledger_projection_lag_seconds",
+        "Age of the oldest event not yet applied.",
+        labels=("projection",),
+    )
+    for name, behind in sorted(lags.items()):
+        events.add_metric((name,), behind.events)
+        seconds.add_metric((name,), behind.seconds)
+    yield events
+    yield seconds
 
 
 @router.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
 async def metrics(request: Request) -> Response:
-    pool: ConnectionPool = request.app.state.pool
-    now = request.app.state.service.clock()
-    lines = await run_in_threadpool(_ledger_metrics, pool, now)
-    lines += request.app.state.latency.render()
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-
-def _ledger_metrics(pool: ConnectionPool, now: datetime) -> list[str]:
-    with translated_errors(), pool.connection() as conn:
-        row = conn.execute(_TOTALS).fetchone()
-        lags = {p.name: lag(conn, p, now) for p in CATCH_UP}
-    totals = [int(v) for v in row] if row else [0] * 7
-    lines: list[str] = []
-    for (name, text), total in zip(_COUNTERS, totals, strict=False):
-        metric = f"session_ledger_{name}_total"
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} counter", f"{metric} {total}"]
-    metric = "session_ledger_expiries_total"
-    lines += [f"# HELP {metric} Sessions ended by a timeout.", f"# TYPE {metric} counter"]
-    lines += [f'{metric}{{kind="idle"}} {totals[5]}', f'{metric}{{kind="absolute"}} {totals[6]}']
-    for unit, text in (("events", "Events"), ("seconds", "Age of the oldest event")):
-        metric = f"session_ledger_projection_lag_{unit}"
-        lines += [f"# HELP {metric} {text} not yet applied.", f"# TYPE {metric} gauge"]
-        for name, behind in sorted(lags.items()):
-            value = behind.events if unit == "events" else behind.seconds
-            lines.append(f'{metric}{{projection="{name}"}} {value}')
-    return lines
+    registry: CollectorRegistry = request.app.state.metrics
+    body = await run_in_threadpool(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
