@@ -37,14 +37,13 @@ from ledger.store import EventStore, Stream
 from projections import principal, session
 from projections.session import Decision, Outcome, SessionState
 from projections.sql.inline import (
-    PRINCIPAL_PREFIX,
-    SESSION_PREFIX,
     load_principal,
     load_session,
     save_principal,
     save_session,
     valid_user_sessions,
 )
+from projections.streams import principal_stream, session_stream
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -372,7 +371,7 @@ class SessionService:
             now=now,
             policy=self._settings.lockout,
         )
-        stream = Stream(f"{PRINCIPAL_PREFIX}{state.name}", "principal")
+        stream = principal_stream(state.name)
         self._store.append(stream, state.version, events, info.metadata(), conn=conn)
         for event in events:
             state = principal.evolve(state, event)
@@ -408,7 +407,7 @@ class SessionService:
 
 
 def _stream(session_id: str) -> Stream:
-    return Stream(f"{SESSION_PREFIX}{session_id}", "session")
+    return session_stream(session_id)
 
 
 def _refusal(outcome: Outcome, state: SessionState) -> Outcome:

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ledger.events import Event, SessionEnded, event_data
-from ledger.records import ImportRecord
+from ledger.records import ImportRecord, Stream
 from ledger.serialization import JsonValue
 from projections import principal, session
 from projections.principal import LockoutPolicy, PrincipalState
 from projections.session import Decision, Policy, SessionState
-from projections.sql.inline import PRINCIPAL_PREFIX, SESSION_PREFIX
+from projections.streams import principal_stream, session_stream
 
 T0 = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 CLIENTS = (
@@ -249,7 +249,7 @@ class _Simulation:
         state = from_state
         for event in events:
             state = session.evolve(state, session_id, event)
-            self._record(SESSION_PREFIX + session_id, "session", state.version, event, meta)
+            self._record(session_stream(session_id), state.version, event, meta)
         assert state is not None
         live.state = self.history.sessions[session_id] = state
         self.history.last_event[session_id] = events[-1].occurred_at
@@ -284,7 +284,7 @@ class _Simulation:
         meta = self._metadata(ip, user_agent, None)
         for event in events:
             state = principal.evolve(state, event)
-            self._record(PRINCIPAL_PREFIX + name, "principal", state.version, event, meta)
+            self._record(principal_stream(name), state.version, event, meta)
         self.history.principals[name] = state
 
     def _principal(self, name: str) -> PrincipalState:
@@ -294,8 +294,7 @@ class _Simulation:
 
     def _record(
         self,
-        stream_id: str,
-        stream_type: str,
+        stream: Stream,
         version: int,
         event: Event,
         meta: dict[str, JsonValue],
@@ -303,8 +302,8 @@ class _Simulation:
         cls = type(event)
         self.out.append(
             ImportRecord(
-                stream_id,
-                stream_type,
+                stream.id,
+                stream.type,
                 version,
                 cls.type_name,
                 cls.schema_version,

@@ -41,6 +41,7 @@ from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
 from bench.append import Figure, fresh_database, p99, postgres, target
 from ledger.chain import GENESIS
 from ledger.db import open_pool
+from projections.streams import session_stream_id
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT, PASSWORD, FAST_USER = "bench-spa", "bench-password", "bench-fast"
@@ -381,7 +382,7 @@ def _raw_worker(pool: ConnectionPool, session_id: str) -> Callable[[float], list
             now = datetime.now(UTC)
             data = {"generation": generation, "ip": "127.0.0.1", "refresh_token_hash": "0" * 64}
             event = (json.dumps({**data, "user_agent": USER_AGENT}), json.dumps(meta | _rid()))
-            args = (f"session:{session_id}", version, *event, now, GENESIS, GENESIS)
+            args = (session_stream_id(session_id), version, *event, now, GENESIS, GENESIS)
             conn.execute(RAW_EVENT, args, prepare=True)
             rotation = {"at": now.isoformat(), "ip": "127.0.0.1", "user_agent": USER_AGENT}
             rotated = json.dumps([{**rotation, "retired_generation": generation - 1}])

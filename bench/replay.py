@@ -32,8 +32,9 @@ from ledger.store import EventStore
 from projections.replay import as_of
 from projections.session import Policy
 from projections.sql.catalog import CATCH_UP, PROJECTIONS
-from projections.sql.inline import SESSION_PREFIX, load_session, save_principal, save_session
+from projections.sql.inline import load_session, save_principal, save_session
 from projections.sql.rebuild import rebuild
+from projections.streams import session_stream_id
 
 REBUILD_TARGET = 100_000  # events/s
 POINT_IN_TIME_TARGET = 0.005  # seconds, p99
@@ -101,7 +102,7 @@ def bench_point_in_time(
         span = history.last_event[session_id] + policy.idle_timeout - state.started_at
         moment = state.started_at + span * rng.random()
         began = time.perf_counter()
-        recorded = store.read_stream(SESSION_PREFIX + session_id)
+        recorded = store.read_stream(session_stream_id(session_id))
         read = time.perf_counter()
         # Every event decoded, then folded up to the moment: as api/audit.py and the CLI do.
         answer = as_of(session_id, [r.event for r in recorded], moment, policy)

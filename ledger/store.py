@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from ledger.serialization import canonical_json, to_json_value
 __all__ = [
     "START",
     "AppendResult",
+    "Backlog",
     "Checkpoint",
     "EventStore",
     "ImportRecord",
@@ -93,6 +95,15 @@ _READ_VISIBLE = (
     " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
     " ORDER BY tx_id, position LIMIT %s"
 )
+# Version 1 of a stream is its first event, which never changes.
+_READ_FIRST = f"SELECT {_COLUMNS} FROM events WHERE stream_id = ANY(%s) AND version = 1"  # noqa: S608
+# Every committed event after the checkpoint, horizon or not: a backlog counts what is waiting.
+_BACKLOG = (
+    "SELECT count(*), min(recorded_at) FROM events"
+    " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
+)
+_COUNT_ALL = "SELECT count(*) FROM events"
+_COUNT_UP_TO = "SELECT count(*) FROM events WHERE (tx_id, position) <= (%s::text::xid8, %s::bigint)"
 _CHAIN = (  # Envelope.of's argument order, then the stored links
     "SELECT stream_id, stream_type, version, type, schema_version, occurred_at, data, metadata,"
     " prev_hash, hash FROM events ORDER BY stream_id, version"
@@ -103,6 +114,14 @@ _OLDER_TRANSACTION = (
     " retry the append in a new transaction"
 )
 _IMPORT_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The events after a checkpoint: how many, and when the oldest of them was recorded."""
+
+    events: int
+    oldest_recorded_at: datetime | None
 
 
 class _LostRace(LedgerError):
@@ -216,6 +235,35 @@ class EventStore:
             raise ValueError("limit must be at least 1")
         return self._read(_READ_VISIBLE, (str(after.tx_id), after.position, limit), conn)
 
+    def read_first(
+        self, stream_ids: Collection[str], *, conn: Connection | None = None
+    ) -> list[RecordedEvent]:
+        """The first event of each of the streams that has one, in no particular order.
+
+        With `conn`, the read runs on that connection (inside its transaction, if one is open).
+        """
+        return self._read(_READ_FIRST, (list(stream_ids),), conn)
+
+    def backlog(self, after: Checkpoint, *, conn: Connection | None = None) -> Backlog:
+        """How many committed events follow `after`, and the oldest one's recorded_at.
+
+        With `conn`, the read runs on that connection (inside its transaction, if one is open).
+        """
+        row = self._fetch_one(_BACKLOG, (str(after.tx_id), after.position), conn)
+        count, oldest = (0, None) if row is None else row
+        return Backlog(int(count), oldest)
+
+    def count(self, up_to: Checkpoint | None = None, *, conn: Connection | None = None) -> int:
+        """The number of committed events at or before `up_to` in gap-safe order (all: None).
+
+        With `conn`, the read runs on that connection (inside its transaction, if one is open).
+        """
+        if up_to is None:
+            row = self._fetch_one(_COUNT_ALL, (), conn)
+        else:
+            row = self._fetch_one(_COUNT_UP_TO, (str(up_to.tx_id), up_to.position), conn)
+        return 0 if row is None else int(row[0])
+
     def verify(self) -> list[BrokenLink]:
         """Recompute every stream's hash chain; return each broken stream's first broken link."""
         checker = ChainChecker()
@@ -261,6 +309,12 @@ class EventStore:
         for type_name in {row[4] for row in rows}:
             event_class(type_name)  # an unknown type fails the read, not a later access
         return [RecordedEvent.from_row(row) for row in rows]
+
+    def _fetch_one(
+        self, query: str, params: tuple[Any, ...], conn: Connection | None
+    ) -> tuple[Any, ...] | None:
+        with translated_errors(), self._reader(conn) as reader:
+            return reader.execute(query, params).fetchone()
 
     @contextmanager
     def _reader(self, conn: Connection | None) -> Iterator[Connection]:

@@ -12,6 +12,7 @@ from ledger.events import Event, SessionEnded
 from ledger.records import RecordedEvent
 from projections import session
 from projections.session import Outcome, Policy, SessionState, parse_duration
+from projections.streams import is_session, session_id_of
 
 EXPIRY_REASONS = (Outcome.IDLE_TIMEOUT.value, Outcome.ABSOLUTE_TIMEOUT.value)
 
@@ -109,7 +110,7 @@ def what_if(
     sims: dict[str, _Simulation] = {}
     before_since: set[str] = set()
     for recorded in events:
-        if recorded.stream_type != "session" or recorded.stream_id in before_since:
+        if not is_session(recorded) or recorded.stream_id in before_since:
             continue
         event = recorded.event
         sim = sims.get(recorded.stream_id)
@@ -117,7 +118,7 @@ def what_if(
             if since is not None and event.occurred_at < since:
                 before_since.add(recorded.stream_id)
                 continue
-            session_id = recorded.stream_id.split(":", 1)[-1]
+            session_id = session_id_of(recorded.stream_id)
             sims[recorded.stream_id] = _Simulation(session.evolve(None, session_id, event))
             continue
         _step(sim, event, current, other)

@@ -17,9 +17,10 @@ from ledger.db import open_pool
 from ledger.store import EventStore
 from projections.replay import PointInTime, as_of, parse_policy_changes, what_if
 from projections.sql.catalog import CATCH_UP, PROJECTIONS
-from projections.sql.inline import SESSION_PREFIX, user_sessions
+from projections.sql.inline import user_sessions
 from projections.sql.rebuild import rebuild as rebuild_projection
 from projections.sql.runner import Runner, lag
+from projections.streams import session_stream_id
 
 history = typer.Typer()
 
@@ -140,7 +141,7 @@ def _replay_as_of(
         with pool.connection() as conn:
             ids = [s.session_id for s in user_sessions(conn, user, 10_000)]
     for sid in ids:
-        events = [r.event for r in store.read_stream(f"{SESSION_PREFIX}{sid}")]
+        events = [r.event for r in store.read_stream(session_stream_id(sid))]
         typer.echo(describe(as_of(sid, events, moment, settings.policy)))
 
 

@@ -26,7 +26,8 @@ from ledger.serialization import format_timestamp
 from ledger.store import EventStore
 from projections import session
 from projections.replay import PointInTime, as_of, judge
-from projections.sql.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, user_sessions
+from projections.sql.inline import user_sessions
+from projections.streams import principal_stream_id, session_stream_id
 
 router = APIRouter(prefix="/audit")
 MAX_LIMIT = 1000
@@ -59,7 +60,7 @@ Store = Annotated[EventStore, Depends(_store)]
 async def session_events(
     session_id: str, auditor: Auditor, store: Store, after: Version = 0, limit: Limit = MAX_LIMIT
 ) -> JSONResponse:
-    stream = f"{SESSION_PREFIX}{session_id}"
+    stream = session_stream_id(session_id)
     events = await run_in_threadpool(store.read_stream, stream, after + 1, limit)
     if not events and after == 0:
         raise NotFound("no such session")
@@ -81,7 +82,7 @@ async def session_as_of(
     as_of_time: Annotated[str | None, Query(alias="as_of", json_schema_extra=DATE_TIME)] = None,
 ) -> JSONResponse:
     moment = _time(as_of_time, "as_of") if as_of_time else service.clock()
-    recorded = await run_in_threadpool(store.read_stream, f"{SESSION_PREFIX}{session_id}")
+    recorded = await run_in_threadpool(store.read_stream, session_stream_id(session_id))
     if not recorded:
         raise NotFound("no such session")
     view = as_of(session_id, [r.event for r in recorded], moment, service.policy)
@@ -211,7 +212,7 @@ def _user_sessions(request: Request, name: str, limit: int) -> list[session.Sess
 def _streams_of(request: Request, user: str) -> list[str]:
     with translated_errors(), request.app.state.pool.connection() as conn:
         rows = conn.execute("SELECT session_id FROM sessions WHERE user_name = %s", (user,))
-        return [f"{PRINCIPAL_PREFIX}{user}", *(f"{SESSION_PREFIX}{r[0]}" for r in rows)]
+        return [principal_stream_id(user), *(session_stream_id(r[0]) for r in rows)]
 
 
 def _alerts(request: Request, after: int, limit: int) -> list[dict[str, Any]]:

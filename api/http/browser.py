@@ -29,7 +29,8 @@ from api.http.forms import MAX_FIELD_CHARS, read_body
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 from ledger.events import BrowserRequestRefused
-from ledger.store import EventStore, Stream
+from ledger.store import EventStore
+from projections.streams import refusal_stream
 
 router = APIRouter()
 
@@ -39,7 +40,6 @@ REFRESH_COOKIE = "__Secure-ledger-refresh"
 COOKIE_PATH = "/browser"
 CUSTOM_HEADER = "X-Requested-With"
 JSON_TYPE = "application/json"
-REFUSAL_PREFIX = "browser-refusal:"
 
 
 async def _require_allowed_origin(request: Request, service: Service, info: Info) -> None:
@@ -70,7 +70,7 @@ def _record_refusal(
         reason=reason,
         origin=None if origin is None else origin[:200],
     )
-    stream = Stream(f"{REFUSAL_PREFIX}{info.request_id}", "browser-refusal")
+    stream = refusal_stream(info.request_id)
     EventStore(request.app.state.pool).append(stream, 0, [event], info.metadata())
 
 

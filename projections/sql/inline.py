@@ -23,10 +23,9 @@ from ledger.serialization import JsonValue, format_timestamp, parse_timestamp
 from projections import principal, session
 from projections.principal import PrincipalState
 from projections.session import Rotation, SessionState
+from projections.streams import is_principal, is_session, principal_name_of, session_id_of
 
 Connection = psycopg.Connection[TupleRow]
-
-SESSION_PREFIX, PRINCIPAL_PREFIX = "session:", "principal:"
 
 _SESSION_COLUMNS = (
     "session_id, version, user_name, client_id, scope, started_at, last_activity, generation,"
@@ -132,8 +131,8 @@ def apply_sessions(
     conn: Connection, events: Sequence[RecordedEvent], *, table: str = "sessions"
 ) -> None:
     """Fold a batch of events into session rows; events a row already reflects are skipped."""
-    batch = [e for e in events if e.stream_type == "session"]
-    ids = list(dict.fromkeys(e.stream_id.removeprefix(SESSION_PREFIX) for e in batch))
+    batch = [e for e in events if is_session(e)]
+    ids = list(dict.fromkeys(session_id_of(e.stream_id) for e in batch))
     if not ids:
         return
     query = statement(_LOAD_SESSIONS, table, _SESSION_COLUMNS)
@@ -150,9 +149,9 @@ def _fold_sessions(
     of the sessions that changed, in the order they first did."""
     changed: dict[str, None] = {}
     for recorded in events:
-        if recorded.stream_type != "session":
+        if not is_session(recorded):
             continue
-        session_id = recorded.stream_id.removeprefix(SESSION_PREFIX)
+        session_id = session_id_of(recorded.stream_id)
         state = states.get(session_id)
         if state is not None and recorded.version <= state.version:
             continue
@@ -189,8 +188,8 @@ def apply_principals(
     conn: Connection, events: Sequence[RecordedEvent], *, table: str = "principals"
 ) -> None:
     """Fold a batch of events into principal rows; events a row already reflects are skipped."""
-    batch = [e for e in events if e.stream_type == "principal"]
-    names = list(dict.fromkeys(e.stream_id.removeprefix(PRINCIPAL_PREFIX) for e in batch))
+    batch = [e for e in events if is_principal(e)]
+    names = list(dict.fromkeys(principal_name_of(e.stream_id) for e in batch))
     if not names:
         return
     query = statement(_LOAD_PRINCIPALS, table, _PRINCIPAL_COLUMNS)
@@ -198,7 +197,7 @@ def apply_principals(
     states.update((row[0], _principal(row)) for row in conn.execute(query, (names,)))
     changed: dict[str, PrincipalState] = {}
     for recorded in batch:
-        name = recorded.stream_id.removeprefix(PRINCIPAL_PREFIX)
+        name = principal_name_of(recorded.stream_id)
         if recorded.version <= states[name].version:
             continue
         states[name] = changed[name] = principal.evolve(states[name], recorded.event)

@@ -27,7 +27,8 @@ from ledger.events import (
 )
 from ledger.records import RecordedEvent
 from ledger.serialization import JsonValue, format_timestamp
-from projections.sql.inline import PRINCIPAL_PREFIX, SESSION_PREFIX, statement
+from projections.sql.inline import statement
+from projections.streams import is_principal, is_session, principal_name_of, session_id_of
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -57,7 +58,7 @@ def session_origins(
     origins: dict[str, SessionOrigin] = {}
     missing: set[str] = set()
     for recorded in events:
-        if recorded.stream_type != "session":
+        if not is_session(recorded):
             continue
         if recorded.type == SessionStarted.type_name:
             user = recorded.event.user  # type: ignore[attr-defined]
@@ -99,8 +100,8 @@ def apply_user_summary(
 
 
 def _user_of(recorded: RecordedEvent, origins: Mapping[str, SessionOrigin]) -> str | None:
-    if recorded.stream_type == "principal":
-        return recorded.stream_id.removeprefix(PRINCIPAL_PREFIX)
+    if is_principal(recorded):
+        return principal_name_of(recorded.stream_id)
     if recorded.type in (SessionStarted.type_name, SessionEnded.type_name):
         return origins[recorded.stream_id].user
     return None
@@ -231,7 +232,7 @@ def _alert(
     event, at, position = recorded.event, recorded.occurred_at, recorded.position
     if isinstance(event, RefreshTokenReuseDetected):
         origin = origins[recorded.stream_id]
-        session_id = recorded.stream_id.removeprefix(SESSION_PREFIX)
+        session_id = session_id_of(recorded.stream_id)
         details: dict[str, JsonValue] = {
             "presented_generation": event.presented_generation,
             "current_generation": event.current_generation,
@@ -249,7 +250,7 @@ def _alert(
             details,
         )
     if isinstance(event, PrincipalLocked):
-        name = recorded.stream_id.removeprefix(PRINCIPAL_PREFIX)
+        name = principal_name_of(recorded.stream_id)
         details = {"until": format_timestamp(event.until), "failures": event.failures}
         return Alert(position, "lockout", at, name, None, None, details)
     if isinstance(event, LoginFailed) and event.ip:
@@ -271,7 +272,7 @@ def _burst(recorded: RecordedEvent, ip: str, addresses: dict[str, AddressFailure
         "window_seconds": int(BURST_WINDOW.total_seconds()),
         "since": format_timestamp(recent[0]),
     }
-    name = recorded.stream_id.removeprefix(PRINCIPAL_PREFIX)
+    name = principal_name_of(recorded.stream_id)
     return Alert(recorded.position, "failure_burst", at, name, None, ip, details)
 
 

@@ -22,7 +22,15 @@ from ledger.errors import (
     UnknownEventType,
 )
 from ledger.events import ActivityRecorded, Event, SessionEnded, SessionStarted
-from ledger.store import START, AppendResult, EventStore, ImportRecord, RecordedEvent, Stream
+from ledger.store import (
+    START,
+    AppendResult,
+    Backlog,
+    EventStore,
+    ImportRecord,
+    RecordedEvent,
+    Stream,
+)
 from tests.strategies import any_event, json_objects
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -406,3 +414,46 @@ def test_an_append_from_a_transaction_older_than_the_streams_head_is_refused(
     assert (caught.value.expected, caught.value.actual) == (1, 1)
     assert store.append(session(), 1, [activity(1)]).version == 2  # a new transaction may
     assert [e.version for e in store.read_all()] == [1, 2]
+
+
+def test_read_first_returns_each_streams_first_event_decoded(store: EventStore) -> None:
+    store.append(session(1), 0, [started(), activity(1)])
+    store.append(session(2), 0, [activity(2), activity(3)])
+
+    first = {e.stream_id: e for e in store.read_first(["session-1", "session-2", "none"])}
+
+    assert sorted(first) == ["session-1", "session-2"]
+    assert first["session-1"].event == started()
+    assert first["session-2"].version == 1
+
+
+def test_read_first_joins_the_callers_transaction(store: EventStore, db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        store.append(session(), 0, [started()], conn=conn)
+        assert [e.stream_id for e in store.read_first(["session-1"], conn=conn)] == ["session-1"]
+        conn.rollback()
+    assert store.read_first(["session-1"]) == []
+
+
+def test_backlog_counts_events_after_a_checkpoint_and_dates_the_oldest(
+    store: EventStore, admin: Admin
+) -> None:
+    assert store.backlog(START) == Backlog(0, None)
+    store.append(session(1), 0, [started(), activity(1)])
+    store.append(session(2), 0, [activity(2)])
+    events = store.read_all()
+
+    behind = store.backlog(events[0].checkpoint, conn=admin)
+
+    assert behind == Backlog(2, min(e.recorded_at for e in events[1:]))
+    assert store.backlog(events[-1].checkpoint) == Backlog(0, None)
+
+
+def test_count_counts_events_up_to_a_checkpoint_or_all(store: EventStore) -> None:
+    assert store.count() == 0
+    store.append(session(1), 0, [started(), activity(1), activity(2)])
+    events = store.read_all()
+
+    assert store.count() == 3
+    assert store.count(events[1].checkpoint) == 2
+    assert store.count(START) == 0

@@ -22,19 +22,18 @@ from psycopg_pool import ConnectionPool
 from ledger.clock import ManualClock
 from ledger.events import Event
 from ledger.records import RecordedEvent
-from ledger.store import EventStore, Stream
+from ledger.store import EventStore
 from projections import principal, session
 from projections.principal import LockoutPolicy, PrincipalState
 from projections.session import Decision, Policy, SessionState
 from projections.sql.catalog import Projection
 from projections.sql.inline import (
-    PRINCIPAL_PREFIX,
-    SESSION_PREFIX,
     load_principal,
     load_session,
     save_principal,
     save_session,
 )
+from projections.streams import principal_stream, session_stream, session_stream_id
 
 Connection = psycopg.Connection[TupleRow]
 Admin = psycopg.Connection[tuple[object, ...]]
@@ -43,14 +42,6 @@ T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 POLICY = Policy()  # idle 60 min, absolute 8 h, grace 10 s, debounce 60 s
 LOCKOUT = LockoutPolicy()  # 5 failures within 15 min
 CLIENT = "web"
-
-
-def session_stream(session_id: str) -> Stream:
-    return Stream(f"{SESSION_PREFIX}{session_id}", "session")
-
-
-def principal_stream(name: str) -> Stream:
-    return Stream(f"{PRINCIPAL_PREFIX}{name}", "principal")
 
 
 class Writer:
@@ -285,7 +276,7 @@ def all_events(store: EventStore, batch: int = 1000) -> list[RecordedEvent]:
 
 
 def stream_events(store: EventStore, session_id: str) -> list[Event]:
-    return [r.event for r in store.read_stream(f"{SESSION_PREFIX}{session_id}")]
+    return [r.event for r in store.read_stream(session_stream_id(session_id))]
 
 
 def table_rows(conn: Admin | Connection, table: str) -> list[tuple[Any, ...]]:

@@ -19,9 +19,10 @@ from projections import principal
 from projections.replay import as_of, what_if
 from projections.session import Outcome
 from projections.sql.catalog import CATCH_UP, PROJECTIONS
-from projections.sql.inline import PRINCIPAL_PREFIX, load_principal, load_session
+from projections.sql.inline import load_principal, load_session
 from projections.sql.rebuild import rebuild
 from projections.sql.runner import Runner
+from projections.streams import principal_stream_id
 from tests.projections.histories import (
     POLICY,
     T0,
@@ -139,7 +140,7 @@ def test_inline_rows_rebuild_and_point_in_time_replay_agree(
             assert inline is not None
             assert inline.version == len(events)
         for user in users:
-            recorded = [r.event for r in store.read_stream(f"{PRINCIPAL_PREFIX}{user}")]
+            recorded = [r.event for r in store.read_stream(principal_stream_id(user))]
             stored = load_principal(conn, user, for_update=False)
             assert stored == principal.replay(user, recorded), user
     for name in ("sessions", "principals"):

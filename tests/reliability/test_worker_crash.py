@@ -29,7 +29,8 @@ from api.accounts import Accounts
 from ledger.events import RefreshTokenRotated
 from ledger.store import EventStore
 from projections import session
-from projections.sql.inline import SESSION_PREFIX, load_session
+from projections.sql.inline import load_session
+from projections.streams import session_stream_id
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import PASSWORD
 from tests.api.test_cli import run
@@ -288,7 +289,7 @@ def assert_stream_agrees(store: EventStore, pool: ConnectionPool, chain: list[st
     """The session's versions are 1..n, its generations 2..newest once each, and its projection
     row is the fold of its events; returns its rotations."""
     sid, newest = session_id(chain[-1]), generation(chain[-1])
-    events = store.read_stream(SESSION_PREFIX + sid)
+    events = store.read_stream(session_stream_id(sid))
     versions = [e.version for e in events]
     assert versions == list(range(1, len(events) + 1)), f"{sid}: versions {versions} not 1..n"
     rotated = [e.event.generation for e in events if isinstance(e.event, RefreshTokenRotated)]
