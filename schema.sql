@@ -125,7 +125,7 @@ CREATE TABLE IF NOT EXISTS projection_checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Per user name: sessions and failed logins (projections/summaries.py).
+-- Per user name: sessions and failed logins (projections/sql/summaries.py).
 CREATE TABLE IF NOT EXISTS user_summary (
     user_name        text PRIMARY KEY,
     sessions_started integer NOT NULL,
