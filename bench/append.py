@@ -239,6 +239,21 @@ def postgres(url: str | None) -> Iterator[str]:
             stop_embedded(data_dir)
 
 
+@contextmanager
+def scratch_run(url: str | None) -> Iterator[tuple[str, Path]]:
+    """A fresh database on `url`'s server (or an embedded one), and a directory for server logs."""
+    with (
+        postgres(url) as server_url,
+        fresh_database(server_url) as database_url,
+        tempfile.TemporaryDirectory(prefix="ledger-bench-logs-") as logs,
+    ):
+        yield database_url, Path(logs)
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("LEDGER_DATABASE_URL"))

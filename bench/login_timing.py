@@ -16,15 +16,13 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from urllib.parse import urlencode
 
 import psycopg
 
 from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
-from bench.append import fresh_database, postgres, target
+from bench.append import load_average, scratch_run, target
 from bench.refresh import CHEAP_HASHER, CLIENT, PASSWORD, Connection, api_command, serving
 from ledger.db import open_pool
 
@@ -85,19 +83,15 @@ def main() -> None:
     parser.add_argument("--url", default=os.environ.get("LEDGER_DATABASE_URL"))
     parser.add_argument("--tries", type=int, default=20, help="failed logins of each kind")
     args = parser.parse_args()
-    with (
-        postgres(args.url) as server_url,
-        fresh_database(server_url) as url,
-        tempfile.TemporaryDirectory(prefix="ledger-bench-logs-") as logs,
-    ):
+    with scratch_run(args.url) as (url, logs):
         with psycopg.connect(url) as conn:
             version = conn.info.server_version
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"PostgreSQL {version // 10000}, {os.cpu_count()} cores, load average {load}")
+        print(f"PostgreSQL {version // 10000}, {os.cpu_count()} cores,", end=" ")
+        print(f"load average {load_average()}")
         sys.stdout.flush()
         create_users(url, args.tries)
         env = {**os.environ, **SERVER_ENV, "LEDGER_DATABASE_URL": url}
-        with serving(api_command(), env, Path(logs) / "api.log") as api:
+        with serving(api_command(), env, logs / "api.log") as api:
             seconds = asyncio.run(_time_failures(api.port, args.tries))
         report(seconds)
 

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -38,7 +37,7 @@ from argon2 import PasswordHasher
 from psycopg_pool import ConnectionPool
 
 from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
-from bench.append import Figure, fresh_database, p99, postgres, target
+from bench.append import Figure, load_average, p99, scratch_run, target
 from ledger.chain import GENESIS
 from ledger.db import open_pool
 from projections.streams import session_stream_id
@@ -520,18 +519,14 @@ def main() -> None:
     parser.add_argument("--levels", type=_levels, default=[1, 16, 64], help="e.g. 1,16,64")
     args = parser.parse_args()
 
-    with (
-        postgres(args.url) as server_url,
-        fresh_database(server_url) as url,
-        tempfile.TemporaryDirectory(prefix="ledger-bench-logs-") as logs,
-    ):
+    with scratch_run(args.url) as (url, logs):
         with psycopg.connect(url) as conn:
             version = conn.info.server_version
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"PostgreSQL {version // 10000}.{version % 10000}, {os.cpu_count()} cores,")
-        print(f"{args.seconds:g} s per figure after {WARMUP:g} s warm-up, load average {load}")
+        print(f"{args.seconds:g} s per figure after {WARMUP:g} s warm-up,", end=" ")
+        print(f"load average {load_average()}")
         sys.stdout.flush()  # before the progress lines on stderr
-        results = run(url, args.levels, args.seconds, Path(logs))
+        results = run(url, args.levels, args.seconds, logs)
         report(results, args.levels)
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +27,7 @@ from typing import Literal, NamedTuple
 from urllib.parse import urlencode
 
 from api.accounts import GRANTS, Accounts
-from bench.append import Figure, fresh_database, postgres, target
+from bench.append import Figure, load_average, scratch_run, target
 from bench.refresh import (
     CHEAP_HASHER,
     CLIENT,
@@ -479,15 +478,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=_steady_seconds, default=120.0, help="the steady phase")
     args = parser.parse_args()
 
-    with (
-        postgres(args.url) as server_url,
-        fresh_database(server_url) as url,
-        tempfile.TemporaryDirectory(prefix="ledger-bench-logs-") as logs,
-    ):
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"{os.cpu_count()} cores, steady phase {args.seconds:g} s, load average {load}")
+    with scratch_run(args.url) as (url, logs):
+        print(f"{os.cpu_count()} cores, steady phase {args.seconds:g} s,", end=" ")
+        print(f"load average {load_average()}")
         sys.stdout.flush()  # before the progress lines on stderr
-        report(run(url, args.seconds, Path(logs)))
+        report(run(url, args.seconds, logs))
 
 
 if __name__ == "__main__":

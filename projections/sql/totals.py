@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from psycopg import Connection
-
-_TOTALS = """
-SELECT coalesce(sum(logins), 0), coalesce(sum(login_failures), 0), coalesce(sum(refreshes), 0),
-       coalesce(sum(reuse_detections), 0), coalesce(sum(revocations), 0),
-       coalesce(sum(idle_expiries), 0), coalesce(sum(absolute_expiries), 0)
-  FROM hourly_stats
-"""
 
 
 @dataclass(frozen=True)
@@ -25,6 +18,12 @@ class HourlyTotals:
     revocations: int = 0
     idle_expiries: int = 0
     absolute_expiries: int = 0
+
+
+# Column names come from HourlyTotals' fields, never from input.
+_TOTALS = "SELECT {} FROM hourly_stats".format(  # noqa: S608
+    ", ".join(f"coalesce(sum({f.name}), 0)" for f in fields(HourlyTotals))
+)
 
 
 def hourly_totals(conn: Connection) -> HourlyTotals:
