@@ -8,6 +8,7 @@ from importlib import resources
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
@@ -15,6 +16,8 @@ from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
 SCHEMA_VERSION = 2
 RUNTIME_ROLE = "session_ledger_runtime"
 """The least-privilege role schema.sql creates; the server acts as it (SET ROLE) at run time."""
+LOGIN_ROLE = "session_ledger_app"
+"""The login `serve` uses on the embedded server: no attributes, a member of RUNTIME_ROLE only."""
 RECONNECT_SECONDS = 5.0
 """How long the pool retries one failed reconnection before giving it up to the next request."""
 FAIL_FAST_SECONDS = 0.5
@@ -63,6 +66,32 @@ def apply_schema(url: str) -> None:
             message += f" and this user may not apply it ({denied}): run `session-ledger db init`"
             message += " with LEDGER_DATABASE_URL set to the owner's URL"
         raise StorageError(message)
+
+
+def create_login_role(url: str) -> str:
+    """Create (or reset) LOGIN_ROLE holding RUNTIME_ROLE and nothing else; return its URL.
+
+    `url` is a superuser's. The new login has no password: use it only where the server trusts
+    local logins over a socket no one else can reach, as the embedded server's is.
+    """
+    login, runtime = sql.Identifier(LOGIN_ROLE), sql.Identifier(RUNTIME_ROLE)
+    with translated_errors(), psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (LOGIN_ROLE,))
+        if exists.fetchone() is None:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(login))
+        # Whatever was granted to it by hand since, it leaves with one membership and no powers.
+        attributes = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS LOGIN"
+        conn.execute(sql.SQL("ALTER ROLE {} " + attributes).format(login))
+        granted = conn.execute(
+            "SELECT g.rolname FROM pg_auth_members m"
+            " JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member"
+            " WHERE r.rolname = %s AND g.rolname <> %s",
+            (LOGIN_ROLE, RUNTIME_ROLE),
+        ).fetchall()
+        for (other,) in granted:
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(other), login))
+        conn.execute(sql.SQL("GRANT {} TO {}").format(runtime, login))
+    return make_conninfo(url, user=LOGIN_ROLE, password=None)
 
 
 def connect(url: str, *, role: str | None = None) -> psycopg.Connection[tuple[object, ...]]:
@@ -141,11 +170,6 @@ class LedgerPool(ConnectionPool):
 
     _unreachable = False
 
-    @property
-    def is_unreachable(self) -> bool:
-        """Whether the last attempt found the server down (until a connection is handed out)."""
-        return self._unreachable
-
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[tuple[object, ...]]:
         if self._unreachable:
             timeout = FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
@@ -166,6 +190,8 @@ class LedgerPool(ConnectionPool):
     def _mark_unreachable(self) -> None:
         self._unreachable = True
         # Callers that began waiting before this was known would wait out the full timeout.
+        # `_lock` and `_waiting` are psycopg_pool's own: pyproject.toml pins the releases that
+        # have them, and tests/ledger/test_db.py fails when they change.
         with self._lock:
             waiting = list(self._waiting)
             self._waiting.clear()

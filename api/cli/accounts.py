@@ -11,8 +11,7 @@ from typing import Annotated
 import typer
 
 from api.accounts import GRANTS, AccountError, Accounts
-from api.cli.support import database_url as _database_url
-from api.cli.support import failures_exit_2 as _failures_exit_2
+from api.cli.support import failures_exit_2, prepare_database
 from api.settings import Settings
 from ledger.db import open_pool
 
@@ -32,7 +31,7 @@ def users_add(
 ) -> None:
     """Create a user; the password is prompted for unless --password-stdin is given."""
     password = _read_secret("password", from_stdin=password_stdin)
-    with _failures_exit_2(), _accounts() as accounts:
+    with failures_exit_2(), _accounts() as accounts:
         accounts.add_user(name, password, tuple(scope or ()))
     typer.echo(f"user {name} created")
 
@@ -60,7 +59,7 @@ def clients_add(
         secret = _read_secret("secret", from_stdin=True)
     elif generated:
         secret = secrets.token_urlsafe(32)
-    with _failures_exit_2(), _accounts() as accounts:
+    with failures_exit_2(), _accounts() as accounts:
         accounts.add_client(client_id, secret, tuple(grant or GRANTS))
     kind = "confidential" if confidential else "public"
     typer.echo(f"{kind} client {client_id} created")
@@ -70,7 +69,7 @@ def clients_add(
 
 @contextmanager
 def _accounts() -> Iterator[Accounts]:
-    url = _database_url(Settings.from_env())
+    url = prepare_database(Settings.from_env())
     with open_pool(url, max_size=1) as pool:
         try:
             yield Accounts(pool)

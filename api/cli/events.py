@@ -9,9 +9,7 @@ from typing import Annotated
 import typer
 
 from api.cli.progress import ProgressBar
-from api.cli.support import database_url as _database_url
-from api.cli.support import failures_exit_2 as _failures_exit_2
-from api.cli.support import parse_time
+from api.cli.support import failures_exit_2, parse_time, prepare_database
 from api.settings import Settings
 from ledger.db import open_pool
 from ledger.errors import InvalidImport, SerializationError
@@ -24,8 +22,8 @@ events_app = typer.Typer()
 @events_app.command()
 def verify() -> None:
     """Recompute every stream's hash chain. Exit 0 when all hold, 1 listing each broken link."""
-    with _failures_exit_2():
-        url = _database_url(Settings.from_env())
+    with failures_exit_2():
+        url = prepare_database(Settings.from_env())
         with open_pool(url, max_size=1) as pool:
             broken = EventStore(pool).verify()
     for link in broken:
@@ -67,8 +65,8 @@ def export(
         typer.echo(f"session-ledger: {output} exists; pass --force to overwrite it", err=True)
         raise typer.Exit(1)
     where = ExportFilter(since, until, tuple(type_ or ()))
-    with _failures_exit_2():
-        url = _database_url(Settings.from_env())
+    with failures_exit_2():
+        url = prepare_database(Settings.from_env())
         with open_pool(url, max_size=1) as pool:
             bar = ProgressBar("export")
             try:
@@ -94,8 +92,8 @@ def import_(
     ] = False,
 ) -> None:
     """Load an exported JSONL file, keeping versions and hash chains; writes nothing on failure."""
-    with _failures_exit_2():
-        url = _database_url(Settings.from_env())
+    with failures_exit_2():
+        url = prepare_database(Settings.from_env())
         with open_pool(url, max_size=1) as pool:
             try:
                 count = import_jsonl(pool, file, append=append)

@@ -11,7 +11,7 @@ import typer
 from psycopg_pool import ConnectionPool
 
 from api.cli.progress import ProgressBar
-from api.cli.support import database_url, failures_exit_2, parse_time
+from api.cli.support import failures_exit_2, parse_time, prepare_database
 from api.settings import Settings
 from ledger.db import open_pool
 from ledger.store import EventStore
@@ -31,7 +31,7 @@ def project(
 ) -> None:
     """Keep the catch-up projections current (user_summary, hourly_stats, alerts)."""
     with failures_exit_2():
-        url = database_url(Settings.from_env())
+        url = prepare_database(Settings.from_env())
         with open_pool(url, max_size=2) as pool:
             runner = Runner(url, pool)
             if once:
@@ -70,7 +70,7 @@ def rebuild(
     chosen = [PROJECTIONS[name]] if name else list(PROJECTIONS.values())
     drifted = 0
     with failures_exit_2():
-        url = database_url(Settings.from_env())
+        url = prepare_database(Settings.from_env())
         with open_pool(url, max_size=2) as pool:
             store = EventStore(pool)
             for projection in chosen:
@@ -114,7 +114,7 @@ def replay(
         raise typer.BadParameter("give exactly one of --as-of and --what-if")
     with failures_exit_2():
         settings = Settings.from_env()
-        url = database_url(settings)
+        url = prepare_database(settings)
         with open_pool(url, max_size=2) as pool:
             store = EventStore(pool)
             if as_of_time is not None:

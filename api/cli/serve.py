@@ -13,8 +13,7 @@ import typer
 import uvicorn
 
 from api.accounts import GRANTS, Accounts
-from api.cli.support import database_url as _database_url
-from api.cli.support import failures_exit_2 as _failures_exit_2
+from api.cli.support import failures_exit_2, prepare_database, service_url
 from api.settings import Settings
 from ledger.db import RUNTIME_ROLE, check_role, open_pool
 
@@ -31,14 +30,16 @@ def serve(
     ] = False,
 ) -> None:
     """Run the HTTP API (on the embedded PostgreSQL unless LEDGER_DATABASE_URL is set); it acts
-    as the least-privilege role session_ledger_runtime."""
+    as the least-privilege role session_ledger_runtime, and on the embedded server logs in as
+    session_ledger_app, which holds only that role."""
     base = f"http://{_url_host(host)}:{port}"  # what a client types: an IPv6 host in brackets
-    with _failures_exit_2():
+    with failures_exit_2():
         settings = Settings.from_env()
-        url = _database_url(settings)
+        owner_url = prepare_database(settings)
+        url = service_url(settings, owner_url)
         check_role(url, RUNTIME_ROLE)  # the workers act as it; say why now if they cannot
         if demo:
-            with open_pool(url, max_size=1) as pool:
+            with open_pool(owner_url, max_size=1) as pool:  # accounts are the owner's to write
                 _create_demo_accounts(Accounts(pool))
             typer.echo(demo_walkthrough(base))
     # Workers are separate processes: they find the database (embedded or not) in the environment.

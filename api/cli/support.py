@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import typer
 
 from api.settings import Settings, SettingsError
-from ledger.db import apply_schema
+from ledger.db import apply_schema, create_login_role
 from ledger.embedded import start_embedded
 from ledger.errors import LedgerError
 
@@ -24,13 +24,20 @@ def failures_exit_2() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def database_url(settings: Settings, *, keep_embedded_running: bool = False) -> str:
-    """LEDGER_DATABASE_URL or the embedded server's URL (started if needed); schema applied."""
+def prepare_database(settings: Settings, *, keep_embedded_running: bool = False) -> str:
+    """LEDGER_DATABASE_URL, or the embedded server's superuser URL after starting it if needed;
+    either way with the schema applied."""
     url = settings.database_url or start_embedded(
         settings.data_dir, keep_running=keep_embedded_running
     )
     apply_schema(url)
     return url
+
+
+def service_url(settings: Settings, url: str) -> str:
+    """The URL `serve` logs in with: on the embedded server the login role that holds only the
+    runtime role (created if absent); on an external database LEDGER_DATABASE_URL as given."""
+    return url if settings.database_url else create_login_role(url)
 
 
 def parse_time(text: str) -> datetime:
