@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from api.throttle import RateLimit
+from api.ratelimit import RateLimit
 from projections.principal import MAX_TRACKED_FAILURES, LockoutPolicy
 from projections.session import Policy, parse_duration
 

@@ -18,8 +18,8 @@ from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
 from api.http.app import create_app
+from api.ratelimit import RateLimit
 from api.settings import Settings
-from api.throttle import RateLimit
 from ledger.clock import ManualClock
 from ledger.store import START, EventStore, RecordedEvent
 from projections.session import Policy

@@ -12,7 +12,7 @@ import requests
 
 from api.http.errors import MAX_HEADER_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
 from api.http.forms import MAX_BODY_BYTES, MAX_FIELD_CHARS, MAX_FIELDS
-from api.throttle import RateLimit
+from api.ratelimit import RateLimit
 from tests.api.conftest import PASSWORD, LiveServer
 from tests.api.test_audit import sid_of
 from tests.api.test_browser_endpoints import HEADERS

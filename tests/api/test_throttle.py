@@ -12,8 +12,8 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api.ratelimit import RateLimit, address_key, admit
 from api.settings import Settings, SettingsError
-from api.throttle import RateLimit, address_key, admit
 from tests.api.conftest import PASSWORD, LiveServer
 from tests.api.test_browser_endpoints import HEADERS
 

@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.stateful import OpenAPIStateMachine
 
 from api.http.forms import FORM_TYPE
-from api.throttle import RateLimit
+from api.ratelimit import RateLimit
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import PASSWORD, SECRET, LiveServer
 

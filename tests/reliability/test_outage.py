@@ -22,8 +22,8 @@ import requests
 
 from api.accounts import Accounts
 from api.http.app import create_app
+from api.ratelimit import RateLimit
 from api.settings import MAX_ADDRESS_LOGIN_LIMIT, Settings
-from api.throttle import RateLimit
 from ledger.clock import ManualClock
 from ledger.db import open_pool
 from ledger.embedded import stop_embedded
