@@ -33,12 +33,12 @@ def project(
     with failures_exit_2():
         url = prepare_database(Settings.from_env())
         with open_pool(url, max_size=2) as pool:
-            runner = Runner(url, pool)
+            runner, store = Runner(url, pool), EventStore(pool)
             if once:
                 applied = runner.run_once()
                 with pool.connection() as conn:
                     for projection in CATCH_UP:
-                        behind = lag(conn, projection, datetime.now(UTC))
+                        behind = lag(store, conn, projection, datetime.now(UTC))
                         done = applied.get(projection.name)
                         status = "busy in another runner" if done is None else f"{done:,} applied"
                         typer.echo(f"{projection.name}: {status}; {behind.events:,} behind")

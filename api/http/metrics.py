@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.http import openapi
 from ledger.db import translated_errors
+from ledger.store import EventStore
 from projections.sql.catalog import CATCH_UP
 from projections.sql.runner import Lag, lag
 from projections.sql.totals import HourlyTotals, hourly_totals
@@ -109,12 +110,13 @@ class _Ledger(Collector):
 
     def __init__(self, pool: ConnectionPool, clock: Callable[[], datetime]) -> None:
         self._pool = pool
+        self._store = EventStore(pool)
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
         with translated_errors(), self._pool.connection() as conn:
             totals = hourly_totals(conn)
-            lags = {p.name: lag(conn, p, self._clock()) for p in CATCH_UP}
+            lags = {p.name: lag(self._store, conn, p, self._clock()) for p in CATCH_UP}
         yield from _counters(totals)
         yield from _lag_gauges(lags)
 

@@ -1,8 +1,9 @@
 """Every projection by name: its tables, and how a batch of events is folded into them.
 
-`apply(conn, events, tables)` folds events (in gap-safe order) into the tables named by `tables`,
-which maps each live table to the table to write: the live one for the catch-up runner, a scratch
-copy for a rebuild. Both run the same code, so a rebuild reproduces what the runner built.
+`apply(store, conn, events, tables)` folds events (in gap-safe order) into the tables named by
+`tables`, which maps each live table to the table to write: the live one for the catch-up runner,
+a scratch copy for a rebuild. Both run the same code, so a rebuild reproduces what the runner
+built. What else a fold must read of the log, it reads through `store` on `conn`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ledger.records import RecordedEvent
+from ledger.store import EventStore
 from projections.sql import summaries
 from projections.sql.inline import SessionsRebuild, apply_principals, apply_sessions
 
 Connection = psycopg.Connection[TupleRow]
-Apply = Callable[[Connection, Sequence[RecordedEvent], Mapping[str, str]], None]
+Apply = Callable[[EventStore, Connection, Sequence[RecordedEvent], Mapping[str, str]], None]
 
 
 class Rebuilder(Protocol):
@@ -50,7 +52,7 @@ PROJECTIONS: dict[str, Projection] = {
         Projection(
             "sessions",
             {"sessions": ("session_id",)},
-            lambda conn, events, tables: apply_sessions(conn, events, table=tables["sessions"]),
+            lambda _, conn, events, tables: apply_sessions(conn, events, table=tables["sessions"]),
             True,
             "each session's state (inline)",
             lambda conn, tables: SessionsRebuild(conn, tables["sessions"]),
@@ -58,7 +60,9 @@ PROJECTIONS: dict[str, Projection] = {
         Projection(
             "principals",
             {"principals": ("name",)},
-            lambda conn, events, tables: apply_principals(conn, events, table=tables["principals"]),
+            lambda _, conn, events, tables: apply_principals(
+                conn, events, table=tables["principals"]
+            ),
             True,
             "failed logins and locks per user name (inline)",
         ),

@@ -64,9 +64,9 @@ def rebuild(
             conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock_key(projection))
         scratch = _scratch_tables(conn, projection)
         stop = checkpoint(conn, projection.name) if check and not projection.inline else None
-        replay = _Replay(conn, store, _sink(conn, projection, scratch), batch_size)
+        replay = _Replay(conn, store, _sink(store, conn, projection, scratch), batch_size)
         with _no_cycle_collection():
-            replay.run(stop, _count(conn, stop), progress)
+            replay.run(stop, store.count(stop, conn=conn), progress)
         with conn.transaction():
             if projection.inline:
                 _lock_writers_out(conn, projection)
@@ -113,38 +113,35 @@ def _scratch_tables(conn: Connection, projection: Projection) -> dict[str, str]:
     return scratch
 
 
-def _count(conn: Connection, stop: Checkpoint | None) -> int:
-    if stop is None:
-        row = conn.execute("SELECT count(*) FROM events").fetchone()
-    else:
-        row = conn.execute(
-            "SELECT count(*) FROM events WHERE (tx_id, position) <= (%s::text::xid8, %s::bigint)",
-            (str(stop.tx_id), stop.position),
-        ).fetchone()
-    return 0 if row is None else int(row[0])
-
-
 class _Batches:
     """A rebuild sink that applies each batch with the projection's own apply."""
 
-    def __init__(self, conn: Connection, projection: Projection, scratch: dict[str, str]):
-        self._conn, self._projection, self._scratch = conn, projection, scratch
+    def __init__(
+        self,
+        store: EventStore,
+        conn: Connection,
+        projection: Projection,
+        scratch: dict[str, str],
+    ):
+        self._store, self._conn, self._projection, self._scratch = store, conn, projection, scratch
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
         if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-            self._projection.apply(self._conn, events, self._scratch)
+            self._projection.apply(self._store, self._conn, events, self._scratch)
             return
         with self._conn.transaction():
-            self._projection.apply(self._conn, events, self._scratch)
+            self._projection.apply(self._store, self._conn, events, self._scratch)
 
     def flush(self) -> None:
         pass  # every batch is written as it is applied
 
 
-def _sink(conn: Connection, projection: Projection, scratch: dict[str, str]) -> Rebuilder:
+def _sink(
+    store: EventStore, conn: Connection, projection: Projection, scratch: dict[str, str]
+) -> Rebuilder:
     if projection.rebuilder is not None:
         return projection.rebuilder(conn, scratch)
-    return _Batches(conn, projection, scratch)
+    return _Batches(store, conn, projection, scratch)
 
 
 class _Replay:

@@ -40,10 +40,6 @@ _ADVANCE = (
     "UPDATE projection_checkpoints SET tx_id = %s, position = %s, updated_at = now()"
     " WHERE name = %s"
 )
-_LAG = (
-    "SELECT count(*), min(recorded_at) FROM events"
-    " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
-)
 
 
 @dataclass(frozen=True)
@@ -89,18 +85,17 @@ def apply_batch(conn: Connection, store: EventStore, projection: Projection, lim
         events = store.read_all(after, limit, conn=conn)
         if not events:
             return 0
-        projection.apply(conn, events, live_tables(projection))
+        projection.apply(store, conn, events, live_tables(projection))
         _advance(conn, projection.name, events[-1].checkpoint)  # its row exists: locked above
     return len(events)
 
 
-def lag(conn: Connection, projection: Projection, now: datetime) -> Lag:
+def lag(store: EventStore, conn: Connection, projection: Projection, now: datetime) -> Lag:
     """Events after the checkpoint, and the age of the oldest of them."""
-    at = checkpoint(conn, projection.name)
-    row = conn.execute(_LAG, (str(at.tx_id), at.position)).fetchone()
-    count, oldest = (0, None) if row is None else row
+    backlog = store.backlog(checkpoint(conn, projection.name), conn=conn)
+    oldest = backlog.oldest_recorded_at
     seconds = 0.0 if oldest is None else max((now - oldest) / timedelta(seconds=1), 0.0)
-    return Lag(int(count), seconds)
+    return Lag(backlog.events, seconds)
 
 
 class Runner:

@@ -308,7 +308,9 @@ def counting_projection(
 ) -> Projection:
     """A catch-up projection that counts how often each event was applied (`times`)."""
 
-    def apply(conn: Connection, events: Sequence[RecordedEvent], tables: Mapping[str, str]) -> None:
+    def apply(
+        _: EventStore, conn: Connection, events: Sequence[RecordedEvent], tables: Mapping[str, str]
+    ) -> None:
         if before is not None:
             before(conn, events)
         query = sql.SQL(

@@ -51,17 +51,22 @@ def crashing_in_second_batch(projection: Projection, how: str, admin: Admin) -> 
     """The projection, but its second batch does half its work and then the runner dies."""
     calls = 0
 
-    def apply(conn: Connection, events: Sequence[RecordedEvent], tables: Mapping[str, str]) -> None:
+    def apply(
+        store: EventStore,
+        conn: Connection,
+        events: Sequence[RecordedEvent],
+        tables: Mapping[str, str],
+    ) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
-            projection.apply(conn, events, tables)
+            projection.apply(store, conn, events, tables)
             return
         if how == "at_checkpoint":  # all the rows are written; storing the checkpoint fails
-            projection.apply(conn, events, tables)
+            projection.apply(store, conn, events, tables)
             conn.execute("SELECT set_config('test.crash', 'on', false)")
             return
-        projection.apply(conn, events[: len(events) // 2 + 1], tables)
+        projection.apply(store, conn, events[: len(events) // 2 + 1], tables)
         if how == "exception":
             raise Crash
         admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
@@ -363,15 +368,15 @@ def test_lag_reports_events_and_seconds_behind_and_zero_after_catching_up(
     oldest = min(e.recorded_at for e in events)
     now = oldest + timedelta(seconds=90)
 
-    assert lag(admin, hourly, now) == Lag(len(events), 90.0)
+    assert lag(store, admin, hourly, now) == Lag(len(events), 90.0)
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert apply_batch(conn, store, hourly, 7) == 7
     behind = events[7:]
     expected = (now - min(e.recorded_at for e in behind)).total_seconds()
-    assert lag(admin, hourly, now) == Lag(len(behind), max(expected, 0.0))
-    assert lag(admin, hourly, oldest - timedelta(hours=1)) == Lag(len(behind), 0.0)
+    assert lag(store, admin, hourly, now) == Lag(len(behind), max(expected, 0.0))
+    assert lag(store, admin, hourly, oldest - timedelta(hours=1)) == Lag(len(behind), 0.0)
 
     Runner(db_url, pool, [hourly]).run_once()
 
-    assert lag(admin, hourly, now) == Lag(0, 0.0)
-    assert lag(admin, PROJECTIONS["alerts"], now).events == len(events)
+    assert lag(store, admin, hourly, now) == Lag(0, 0.0)
+    assert lag(store, admin, PROJECTIONS["alerts"], now).events == len(events)
