@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from ledger.clock import require_aware
 from ledger.db import translated_errors
 
 ALGORITHM = "EdDSA"
@@ -148,7 +149,7 @@ class KeyRing:
 
 
 def new_signing_key(now: datetime) -> SigningKey:
-    _require_aware(now)
+    require_aware(now, "now")
     return SigningKey(
         kid=secrets.token_urlsafe(12),
         algorithm=ALGORITHM,
@@ -158,7 +159,7 @@ def new_signing_key(now: datetime) -> SigningKey:
 
 
 def load_keyring(pool: ConnectionPool, sealer: Sealer, now: datetime) -> KeyRing:
-    _require_aware(now)
+    require_aware(now, "now")
     with translated_errors(), pool.connection() as conn, conn.transaction():
         # Only the first start of a deployment writes; the others read without waiting.
         if not _has_current_key(conn):
@@ -183,7 +184,7 @@ def rotate_keys(pool: ConnectionPool, sealer: Sealer, now: datetime) -> SigningK
 
 
 def load_refresh_secret(pool: ConnectionPool, sealer: Sealer, now: datetime) -> bytes:
-    _require_aware(now)
+    require_aware(now, "now")
     with translated_errors(), pool.connection() as conn, conn.transaction():
         row = conn.execute(_SELECT_SERVER_KEY, (REFRESH_KEY_NAME,)).fetchone()
         if row is None:
@@ -238,8 +239,3 @@ def _load_private_key(kid: str, der: bytes) -> Ed25519PrivateKey:
 
 def _sealed_overhead() -> int:
     return len(_FORMAT) + _SALT_BYTES + _NONCE_BYTES + _TAG_BYTES
-
-
-def _require_aware(now: datetime) -> None:
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError("now must be an aware datetime")

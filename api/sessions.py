@@ -32,7 +32,7 @@ from api.tokens import (
     verify_access_token,
 )
 from ledger.db import translated_errors
-from ledger.events import Event
+from ledger.events import BrowserRequestRefused, Event
 from ledger.store import EventStore, Stream
 from projections import principal, session
 from projections.session import Decision, Outcome, SessionState
@@ -43,7 +43,7 @@ from projections.sql.inline import (
     save_session,
     valid_user_sessions,
 )
-from projections.streams import principal_stream, session_stream
+from projections.streams import principal_stream, refusal_stream, session_stream
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -171,6 +171,8 @@ class SessionService:
 
     def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
         session_id, generation = self._parse_refresh(token)
+        # The successor; a retry in grace gets it again, as the presented token's successor is
+        # then the session's current token (tokens are a MAC of session id and generation).
         next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
         with self._transaction() as conn:
             state = load_session(conn, session_id, for_update=True)
@@ -189,8 +191,6 @@ class SessionService:
             state = self._apply(conn, state, decision, info)
         if not decision.is_granted:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
-        if decision.outcome is not Outcome.OK:  # a grace retry: the successor issued before
-            next_token = refresh_token(self._refresh_secret, session_id, state.generation)
         return self._grant(state, next_token, now)
 
     # -- bearer calls ---------------------------------------------------------------------------
@@ -237,6 +237,18 @@ class SessionService:
                 break
             ended += done
         return ended
+
+    def record_browser_refusal(
+        self, endpoint: str, reason: str, origin: str | None, info: RequestInfo
+    ) -> None:
+        """Record a cookie-authenticated request refused as cross-site, for the auditors."""
+        event = BrowserRequestRefused(
+            occurred_at=self.clock(),
+            endpoint=endpoint,
+            reason=reason,
+            origin=None if origin is None else origin[:200],
+        )
+        self._store.append(refusal_stream(info.request_id), 0, [event], info.metadata())
 
     # -- revocation and introspection ---------------------------------------------------------
 

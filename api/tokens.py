@@ -15,6 +15,7 @@ import jwt
 
 from api.errors import InvalidToken
 from api.keys import KeyRing
+from ledger.clock import require_aware
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "jti", "client_id", "sid")
@@ -24,7 +25,6 @@ _SECOND = timedelta(seconds=1)
 # Bounds that keep datetime arithmetic from overflowing on a hostile but well-signed number.
 _MAX_TIMESTAMP = 2**37
 _MAX_ACCESS_TOKEN_CHARS = 8192
-# RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 _MAX_REFRESH_TOKEN_CHARS = 200
@@ -65,7 +65,7 @@ def issue_access_token(
 ) -> str:
     if not expires_at > now:
         raise ValueError("an access token must expire after it is issued")
-    if not all(_SCOPE_TOKEN.fullmatch(token) for token in scope):
+    if not all(is_scope_token(token) for token in scope):
         raise ValueError("scope tokens must be non-empty printable ASCII without spaces")
     key = keyring.current
     claims = {
@@ -88,7 +88,7 @@ def verify_access_token(
     keyring: KeyRing, token: str, *, issuer: str, audience: str, now: datetime
 ) -> AccessClaims:
     # Security contract: every failure, whatever its cause, raises InvalidToken and nothing else.
-    _require_aware(now)  # a naive `now` is the caller's bug, not the token's: ValueError
+    require_aware(now)  # a naive `now` is the caller's bug, not the token's: ValueError
     header = _unverified_header(token)
     _check_type(header)
     claims = _verified_claims(keyring, token, header)
@@ -216,20 +216,20 @@ def _timestamp(claims: Mapping[str, object], name: str) -> datetime:
     return _EPOCH + value * _SECOND
 
 
+def is_scope_token(text: str) -> bool:
+    """RFC 6749 §3.3 scope-token: one or more printable ASCII characters but space, '"', '\\'."""
+    return _SCOPE_TOKEN.fullmatch(text) is not None
+
+
 def _scope(claim: object) -> tuple[str, ...]:
     if not isinstance(claim, str):
         raise InvalidToken("malformed claim scope")
     scope = tuple(claim.split(" ")) if claim else ()
-    if not all(_SCOPE_TOKEN.fullmatch(token) for token in scope):
+    if not all(is_scope_token(token) for token in scope):
         raise InvalidToken("malformed claim scope")
     return scope
 
 
 def _seconds(moment: datetime) -> int:
-    _require_aware(moment)
+    require_aware(moment)
     return (moment - _EPOCH) // _SECOND
-
-
-def _require_aware(moment: datetime) -> None:
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError("times must be aware datetimes")

@@ -6,6 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
+def require_aware(moment: datetime, what: str = "a time") -> None:
+    """Raise ValueError for a naive datetime: a caller's bug that would misplace `moment`."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} must be an aware datetime")
+
+
 class Clock(Protocol):
     """Something that tells the current time as an aware UTC datetime."""
 

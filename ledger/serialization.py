@@ -51,11 +51,6 @@ def canonical_json(value: JsonValue) -> str:
     return _ENCODER.encode(value)
 
 
-def canonical_bytes(value: JsonValue) -> bytes:
-    """canonical_json in UTF-8: the bytes that hashes are computed over."""
-    return _ENCODER.encode(value).encode("utf-8")
-
-
 def json_string(value: str) -> str:
     """A string as canonical_json writes it (a JSON string literal, non-ASCII kept as is)."""
     return encode_basestring(value)

@@ -82,7 +82,8 @@ class Change:
     what_if: Ending
 
     @property
-    def earlier(self) -> bool:
+    def ends_earlier(self) -> bool:
+        """Whether the other policy would have ended the session sooner."""
         return self.what_if.at < self.actual.at
 
 
@@ -124,7 +125,9 @@ def what_if(
         _step(sim, event, current, other)
     changes = [c for sim in sims.values() if (c := _change(sim, current, other)) is not None]
     return WhatIf(
-        len(sims), [c for c in changes if c.earlier], [c for c in changes if not c.earlier]
+        len(sims),
+        [c for c in changes if c.ends_earlier],
+        [c for c in changes if not c.ends_earlier],
     )
 
 

@@ -174,16 +174,27 @@ def replay(session_id: str, events: Iterable[Event]) -> SessionState | None:
 
 def expiry(state: SessionState, policy: Policy) -> tuple[datetime, Outcome]:
     """When the session stops being valid if nothing else happens, and why."""
-    idle_end = state.last_activity + policy.idle_timeout
+    idle_end = idle_end_of(state, policy)
     absolute_end = absolute_end_of(state, policy)
     if idle_end < absolute_end:
         return idle_end, Outcome.IDLE_TIMEOUT
     return absolute_end, Outcome.ABSOLUTE_TIMEOUT
 
 
+def idle_end_of(state: SessionState, policy: Policy) -> datetime:
+    """The moment the session ends unless there is activity before."""
+    return state.last_activity + policy.idle_timeout
+
+
 def absolute_end_of(state: SessionState, policy: Policy) -> datetime:
     """The moment the session ends whatever happens."""
     return state.started_at + policy.absolute_timeout
+
+
+def valid_after(now: datetime, policy: Policy) -> tuple[datetime, datetime]:
+    """is_valid as bounds a query can use: a session that has not ended is valid at `now` when
+    its last activity is later than the first bound and its start later than the second."""
+    return now - policy.idle_timeout, now - policy.absolute_timeout
 
 
 def status(state: SessionState, now: datetime, policy: Policy) -> Outcome:

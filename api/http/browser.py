@@ -26,11 +26,8 @@ from api.http.errors import (
     error_response,
 )
 from api.http.forms import MAX_FIELD_CHARS, read_body
-from api.sessions import RequestInfo, SessionService, TokenGrant
+from api.sessions import SessionService, TokenGrant
 from api.settings import Settings
-from ledger.events import BrowserRequestRefused
-from ledger.store import EventStore
-from projections.streams import refusal_stream
 
 router = APIRouter()
 
@@ -57,21 +54,8 @@ async def _require_allowed_origin(request: Request, service: Service, info: Info
         reason, description = "header", f"browser requests need the {CUSTOM_HEADER} header"
     else:
         return
-    await run_in_threadpool(_record_refusal, request, service, info, reason, origin)
+    await run_in_threadpool(service.record_browser_refusal, request.url.path, reason, origin, info)
     raise CrossSiteRequestRefused(description)
-
-
-def _record_refusal(
-    request: Request, service: SessionService, info: RequestInfo, reason: str, origin: str | None
-) -> None:
-    event = BrowserRequestRefused(
-        occurred_at=service.clock(),
-        endpoint=request.url.path,
-        reason=reason,
-        origin=None if origin is None else origin[:200],
-    )
-    stream = refusal_stream(info.request_id)
-    EventStore(request.app.state.pool).append(stream, 0, [event], info.metadata())
 
 
 ALLOWED_ORIGIN_ONLY = [Depends(_require_allowed_origin)]

@@ -62,13 +62,12 @@ async def end_all_sessions(caller: Caller, service: Service, info: Info) -> Resp
 
 
 def _session_body(state: SessionState, current: str, policy: session.Policy) -> dict[str, Any]:
-    idle_end = state.last_activity + policy.idle_timeout
     return {
         "id": state.session_id,
         "client_id": state.client_id,
         "started_at": format_timestamp(state.started_at),
         "last_activity": format_timestamp(state.last_activity),
-        "idle_expires_at": format_timestamp(idle_end),
+        "idle_expires_at": format_timestamp(session.idle_end_of(state, policy)),
         "absolute_expires_at": format_timestamp(session.absolute_end_of(state, policy)),
         "ip": state.ip,
         "user_agent": state.user_agent,

@@ -22,7 +22,7 @@ from ledger.records import RecordedEvent
 from ledger.serialization import JsonValue, format_timestamp, parse_timestamp
 from projections import principal, session
 from projections.principal import PrincipalState
-from projections.session import Rotation, SessionState
+from projections.session import Rotation, SessionState, valid_after
 from projections.streams import is_principal, is_session, principal_name_of, session_id_of
 
 Connection = psycopg.Connection[TupleRow]
@@ -45,7 +45,7 @@ _USER_SESSIONS = (
     "SELECT {columns} FROM {table} WHERE user_name = %s"
     " ORDER BY started_at DESC, session_id LIMIT %s"
 )
-# session.status in SQL: not ended, idle below the limit, before the absolute end.
+# session.is_valid in SQL: not ended, and active and started after session.valid_after's bounds.
 _VALID_USER_SESSIONS = (
     "SELECT {columns} FROM {table} WHERE user_name = %s AND ended_at IS NULL"
     " AND last_activity > %s AND started_at > %s ORDER BY started_at DESC, session_id LIMIT %s"
@@ -102,7 +102,7 @@ def valid_user_sessions(
     """A user's sessions that are valid at `now`, newest first; ended and expired ones, however
     many, never crowd a valid one out of the `limit`."""
     query = statement(_VALID_USER_SESSIONS, "sessions", _SESSION_COLUMNS)
-    params = (user, now - policy.idle_timeout, now - policy.absolute_timeout, limit)
+    params = (user, *valid_after(now, policy), limit)
     return [_session(row) for row in conn.execute(query, params)]
 
 

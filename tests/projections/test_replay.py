@@ -274,7 +274,7 @@ def test_what_if_longer_idle_names_the_sessions_that_idled_out_as_later(
         (base,) = [b for s, b in lives.values() if s == change.session_id]
         assert change.actual == Ending(base + minutes(70), "idle_timeout")
         assert change.what_if == Ending(base + minutes(100), "idle_timeout")
-        assert not change.earlier
+        assert not change.ends_earlier
 
 
 def test_what_if_shorter_absolute_limit_and_idle_together(
