@@ -58,6 +58,9 @@ class Settings:
     (LEDGER_ALLOWED_ORIGINS); empty means the issuer's origin only (see `browser_origins`)."""
     demo: bool = False
     """Serve the demo single-page app at /demo (LEDGER_DEMO; `serve --demo` sets it)."""
+    access_log: bool = False
+    """Log a line per request (LEDGER_ACCESS_LOG). Off by default: it costs a share of every
+    request, and the ledger itself is the audit trail."""
 
     @property
     def browser_origins(self) -> tuple[str, ...]:
@@ -105,6 +108,7 @@ class Settings:
             run_projections=_flag(env, "LEDGER_RUN_PROJECTIONS", True),
             allowed_origins=_origins(env, "LEDGER_ALLOWED_ORIGINS"),
             demo=_flag(env, "LEDGER_DEMO", False),
+            access_log=_flag(env, "LEDGER_ACCESS_LOG", False),
         )
 
 

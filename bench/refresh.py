@@ -449,7 +449,8 @@ def api_command() -> list[str]:
 
 def _trivial_command() -> list[str]:
     app = ["bench.trivial_app:app", "--app-dir", str(ROOT), "--log-level", "info"]
-    app += ["--http", "api.http.transport:NoDelayH11Protocol"]  # as `serve` runs it
+    app += ["--http", "api.http.transport:NoDelayHttpToolsProtocol", "--loop", "uvloop"]
+    app += ["--no-access-log"]  # as `serve` runs it
     return [sys.executable, "-m", "uvicorn", *app]
 
 

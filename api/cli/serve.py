@@ -61,8 +61,10 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        http="api.http.transport:NoDelayH11Protocol",
+        http="api.http.transport:NoDelayHttpToolsProtocol",
+        loop="uvloop",
         log_level="info",
+        access_log=settings.access_log,
         # A worker starting on a busy machine (imports, key load, pool) can take longer than
         # uvicorn's 5 s before it answers the supervisor's first ping; it is not hung.
         timeout_worker_healthcheck=30,

@@ -1,8 +1,10 @@
-"""uvicorn's HTTP/1.1 protocol with Nagle's algorithm turned off on every connection.
+"""uvicorn's compiled HTTP/1.1 protocol (httptools) with Nagle's algorithm turned off on every
+connection.
 
-With `--workers`, uvicorn creates its listening socket in a way that keeps asyncio from setting
-TCP_NODELAY, so each response after the first on a keep-alive connection waits for the client's
-delayed ACK (about 40 ms). `serve` names this class as uvicorn's `http` protocol.
+With `--workers`, uvicorn hands each worker a listening socket that keeps asyncio from setting
+TCP_NODELAY on the connections it accepts, so each response after the first on a keep-alive
+connection would wait for the client's delayed ACK (about 40 ms). `serve` names this class as
+uvicorn's `http` protocol.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import asyncio
 import socket
 from contextlib import suppress
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class NoDelayH11Protocol(H11Protocol):
+class NoDelayHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -101,6 +101,17 @@ def test_serve_demo_prints_a_walkthrough_that_works(db_url: str) -> None:
         output = process.communicate(timeout=30)[0]
     assert f"curl -s {url}/oauth/token -d grant_type=password -d client_id=demo-spa" in output
     assert "Authorization: Bearer $ACCESS" in output
+    assert '"POST /oauth/token HTTP/1.1" 200' not in output  # no access log unless asked for
+
+
+@pytest.mark.slow
+def test_serve_logs_each_request_when_the_access_log_is_on(db_url: str) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url, "LEDGER_ACCESS_LOG": "true"}
+    with serving(env=env) as (url, process):
+        assert requests.get(f"{url}/.well-known/jwks.json", timeout=30).status_code == 200
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert '"GET /.well-known/jwks.json HTTP/1.1" 200' in output
 
 
 def test_an_invalid_setting_stops_start_up_naming_it() -> None:

@@ -129,3 +129,10 @@ def test_demo_mode_is_off_unless_asked_for() -> None:
     assert Settings.from_env({"LEDGER_DEMO": "1"}).demo is True
     with pytest.raises(SettingsError, match="LEDGER_DEMO"):
         Settings.from_env({"LEDGER_DEMO": "maybe"})
+
+
+def test_the_access_log_is_off_unless_asked_for() -> None:
+    assert Settings.from_env({}).access_log is False
+    assert Settings.from_env({"LEDGER_ACCESS_LOG": "true"}).access_log is True
+    with pytest.raises(SettingsError, match="LEDGER_ACCESS_LOG"):
+        Settings.from_env({"LEDGER_ACCESS_LOG": "sometimes"})
