@@ -8,8 +8,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
--- 2: login_throttle.
-INSERT INTO schema_version (version) VALUES (2) ON CONFLICT DO NOTHING;
+-- 2: login_throttle. 3: events_append_refused.
+INSERT INTO schema_version (version) VALUES (3) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -183,6 +183,17 @@ CREATE TABLE IF NOT EXISTS login_throttle (
     address text        PRIMARY KEY,
     tat     timestamptz NOT NULL
 );
+
+-- A pipelined append (ledger.store.queue_append) calls this when it would insert no row: the
+-- stream is not at the expected version, or a newer transaction wrote its head. The error aborts
+-- the transaction, so what was queued after the append (its projection row) is not committed.
+CREATE OR REPLACE FUNCTION events_append_refused(stream text, prev integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'stream % is not at version % for this transaction', stream, prev
+        USING ERRCODE = 'serialization_failure';
+END
+$$;
 
 -- Wakes catch-up runners (LISTEN ledger_events); they also poll, so a lost wake-up only delays.
 CREATE OR REPLACE FUNCTION events_notify() RETURNS trigger

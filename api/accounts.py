@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.tokens import is_scope_token
 from ledger.db import translated_errors
@@ -19,6 +22,10 @@ GRANTS = ("password", "refresh_token")
 
 PRODUCTION_HASHER = PasswordHasher()
 """argon2id with argon2-cffi's defaults (RFC 9106's second recommended option)."""
+
+CLIENT_CACHE_SECONDS = 1.0
+"""How long a worker serves a client from memory: a changed or removed client takes effect within
+this time in every worker."""
 
 _NAME = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 _MAX_SCOPE_CHARS = 64
@@ -95,11 +102,7 @@ class Accounts:
 
     def client(self, client_id: str) -> Client | None:
         with translated_errors(), self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT client_id, secret_hash, grants FROM clients WHERE client_id = %s",
-                (client_id,),
-                prepare=True,
-            ).fetchone()
+            row = conn.execute(_CLIENT, (client_id,), prepare=True).fetchone()
         return None if row is None else Client(row[0], row[1], tuple(row[2]))
 
     @functools.cached_property
@@ -127,6 +130,43 @@ class Accounts:
         with translated_errors(), self._pool.connection() as conn:
             if conn.execute(query, params).rowcount == 0:
                 raise AccountError(exists)
+
+
+_CLIENT = "SELECT client_id, secret_hash, grants FROM clients WHERE client_id = %s"
+
+
+class ClientDirectory:
+    """Registered clients for the request path, on the event loop, each served from memory for
+    up to CLIENT_CACHE_SECONDS after it was read. Unknown ids are read every time: caching them
+    would let anyone grow the cache, and delay a client that was just added."""
+
+    def __init__(
+        self,
+        apool: AsyncConnectionPool[Any],
+        *,
+        ttl: float = CLIENT_CACHE_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._apool = apool
+        self._ttl = ttl
+        self._monotonic = monotonic
+        self._cache: dict[str, tuple[float, Client]] = {}
+
+    async def client(self, client_id: str) -> Client | None:
+        now = self._monotonic()
+        cached = self._cache.get(client_id)
+        if cached is not None and now - cached[0] < self._ttl:
+            return cached[1]
+        with translated_errors():
+            async with self._apool.connection() as conn:
+                cursor = await conn.execute(_CLIENT, (client_id,), prepare=True)
+                row = await cursor.fetchone()
+        if row is None:
+            self._cache.pop(client_id, None)
+            return None
+        client = Client(row[0], row[1], tuple(row[2]))
+        self._cache[client_id] = (now, client)
+        return client
 
 
 def _check_name(name: str, what: str) -> None:

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.accounts import Accounts, Client
 from api.errors import InvalidGrant, InvalidScope, InvalidToken
@@ -33,14 +34,16 @@ from api.tokens import (
 )
 from ledger.db import translated_errors
 from ledger.events import BrowserRequestRefused, Event
-from ledger.store import EventStore, Stream
+from ledger.store import EventStore, PipelinedTransaction, Stream, pipelined
 from projections import principal, session
 from projections.session import Decision, Outcome, SessionState
 from projections.sql.inline import (
     load_principal,
     load_session,
+    load_session_async,
     save_principal,
     save_session,
+    save_session_async,
     valid_user_sessions,
 )
 from projections.streams import principal_stream, refusal_stream, session_stream
@@ -86,17 +89,23 @@ class TokenGrant:
 
 
 class SessionService:
-    """Login, refresh, activity, logout, revocation and introspection on the ledger."""
+    """Login, refresh, activity, logout, revocation and introspection on the ledger.
+
+    The hot path (refresh, the bearer check, activity, introspection) runs on the event loop
+    through `apool`; the rest, argon2 included, runs in threads on `pool`.
+    """
 
     def __init__(
         self,
         pool: ConnectionPool,
+        apool: AsyncConnectionPool[Any],
         accounts: Accounts,
         settings: Settings,
         clock: Callable[[], datetime],
         sealer: Sealer,
     ) -> None:
         self._pool = pool
+        self._apool = apool
         self._store = EventStore(pool)
         self._accounts = accounts
         self._settings = settings
@@ -169,13 +178,13 @@ class SessionService:
             save_session(conn, state_after)
         return self._grant(state_after, token, now)
 
-    def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
+    async def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
         session_id, generation = self._parse_refresh(token)
         # The successor; a retry in grace gets it again, as the presented token's successor is
         # then the session's current token (tokens are a MAC of session id and generation).
         next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
-        with self._transaction() as conn:
-            state = load_session(conn, session_id, for_update=True)
+        async with pipelined(self._apool) as tx:
+            state = await load_session_async(tx.conn, session_id, for_update=True)
             if state is None or state.client_id != client.client_id:
                 raise InvalidGrant("the refresh token is not valid")
             now = self._now(state)
@@ -188,30 +197,31 @@ class SessionService:
                 now=now,
                 policy=self._policy,
             )
-            state = self._apply(conn, state, decision, info)
+            state = await self._apply_async(tx, state, decision, info)
         if not decision.is_granted:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
         return self._grant(state, next_token, now)
 
     # -- bearer calls ---------------------------------------------------------------------------
 
-    def authenticate(self, access_token: str) -> tuple[AccessClaims, SessionState]:
+    async def authenticate(self, access_token: str) -> tuple[AccessClaims, SessionState]:
         """The token's claims and its session, which must be valid now; else InvalidToken."""
         now = self.clock()
         claims = self._verify(access_token, now)
-        with self._connection() as conn:
-            state = load_session(conn, claims.session_id, for_update=False)
+        state = await self._session_async(claims.session_id)
         if state is None or not session.is_valid(state, now, self._policy):
             raise InvalidToken("the session is no longer active")
         return claims, state
 
-    def record_activity(self, state: SessionState, info: RequestInfo) -> None:
+    async def record_activity(self, state: SessionState, info: RequestInfo) -> None:
         now = self.clock()
         if now - state.last_activity < self._policy.activity_debounce:
             return  # debounced without a transaction: the common case stays read-only
-        self._decide(
-            state.session_id, info, lambda s, at: session.decide_activity(s, at, self._policy)
-        )
+        async with pipelined(self._apool) as tx:
+            locked = await load_session_async(tx.conn, state.session_id, for_update=True)
+            if locked is not None:
+                decision = session.decide_activity(locked, self._now(locked), self._policy)
+                await self._apply_async(tx, locked, decision, info)
 
     def list_sessions(self, user: str, limit: int = 100) -> list[SessionState]:
         with self._connection() as conn:
@@ -269,27 +279,26 @@ class SessionService:
             session_id, info, lambda s, at: session.decide_end(s, "logout", at, self._policy)
         )
 
-    def introspect(self, token: str, hint: str | None) -> dict[str, object]:
+    async def introspect(self, token: str, hint: str | None) -> dict[str, object]:
         """RFC 7662: the token's claims when it is active, else only `active: false`."""
         now = self.clock()
         if hint != "refresh_token":
             try:
-                claims, _ = self.authenticate(token)
+                claims, _ = await self.authenticate(token)
             except InvalidToken:
                 pass
             else:
                 return _introspection(claims, "access_token")
-        return self._introspect_refresh(token, now)
+        return await self._introspect_refresh(token, now)
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _introspect_refresh(self, token: str, now: datetime) -> dict[str, object]:
+    async def _introspect_refresh(self, token: str, now: datetime) -> dict[str, object]:
         try:
             session_id, generation = parse_refresh_token(self._refresh_secret, token)
         except InvalidToken:
             return {"active": False}
-        with self._connection() as conn:
-            state = load_session(conn, session_id, for_update=False)
+        state = await self._session_async(session_id)
         if state is None or state.generation != generation:
             return {"active": False}
         if not session.is_valid(state, now, self._policy):
@@ -347,6 +356,11 @@ class SessionService:
             self._apply(conn, state, decision, info)
         return decision
 
+    async def _session_async(self, session_id: str) -> SessionState | None:
+        with translated_errors():
+            async with self._apool.connection() as conn:
+                return await load_session_async(conn, session_id, for_update=False)
+
     def _now(self, state: SessionState) -> datetime:
         """The time of a decision, read once the session's row is locked: a request that waited
         for another one decides after it, and a stream's times never run backwards (not even
@@ -365,6 +379,19 @@ class SessionService:
         for event in decision.events:
             state = session.evolve(state, state.session_id, event)
         save_session(conn, state)
+        return state
+
+    async def _apply_async(
+        self, tx: PipelinedTransaction, state: SessionState, decision: Decision, info: RequestInfo
+    ) -> SessionState:
+        """_apply in a pipelined transaction: the events and the row are only queued."""
+        if not decision.events:
+            return state
+        meta = info.metadata(state.client_id)
+        await tx.append(_stream(state.session_id), state.version, decision.events, meta)
+        for event in decision.events:
+            state = session.evolve(state, state.session_id, event)
+        await save_session_async(tx.conn, state)
         return state
 
     def _record_failure(

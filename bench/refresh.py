@@ -5,8 +5,11 @@
 Without --url (or LEDGER_DATABASE_URL) it starts an embedded PostgreSQL in a temporary directory.
 The API runs as `session-ledger serve --workers 2` in a subprocess on one fresh database; each
 client is one keep-alive connection with its own session, sending every response's rotated
-refresh token in its next request. Every figure comes from one run, so ratios compare like with
-like.
+refresh token in its next request. The baselines: a refresh's writes run by pgbench on the same
+server (PostgreSQL 16's, shipped with pgserver; a psycopg loop where none is found), and the
+framework floor, a trivial FastAPI endpoint under the same uvicorn settings. The combined floor,
+1/(1/raw + 1/floor), is what one refresh doing both on the same cores would allow. Every figure
+comes from one run, so ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -34,6 +39,7 @@ from urllib.parse import urlencode
 
 import psycopg
 from argon2 import PasswordHasher
+from pgserver._commands import POSTGRES_BIN_PATH
 from psycopg_pool import ConnectionPool
 
 from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
@@ -353,6 +359,74 @@ def bench_login(server: Server, seconds: float) -> Result:
 
 # -- the raw-PostgreSQL baseline ------------------------------------------------------------------
 
+# One refresh's writes as a pgbench script: each pgbench client chains its own session. The event
+# row has the product's shape (payload, metadata, hashes); the rotations array grows in PostgreSQL
+# (`||`) as the service's row does.
+PGBENCH_SCRIPT = """
+BEGIN;
+SELECT version + 1 AS v, generation + 1 AS g FROM sessions
+ WHERE session_id = 'raw-{tag}-' || :client_id FOR UPDATE \\gset
+INSERT INTO events (stream_id, stream_type, version, type, schema_version, data, metadata,
+                    occurred_at, prev_hash, hash)
+VALUES ('session:raw-{tag}-' || :client_id, 'session', :v, 'RefreshTokenRotated', 1,
+        jsonb_build_object('generation', :g, 'ip', '127.0.0.1', 'refresh_token_hash',
+                           repeat('0', 64), 'user_agent', '{agent}'),
+        jsonb_build_object('client_id', '{client}', 'ip', '127.0.0.1', 'request_id',
+                           gen_random_uuid()::text, 'user_agent', '{agent}'),
+        now(), sha256('prev'::bytea), sha256('this'::bytea));
+UPDATE sessions SET version = :v, generation = :g,
+       rotations = rotations || jsonb_build_array(jsonb_build_object('at', now()::text,
+           'ip', '127.0.0.1', 'retired_generation', :g - 1, 'user_agent', '{agent}'))
+ WHERE session_id = 'raw-{tag}-' || :client_id;
+COMMIT;
+"""
+
+
+def pgbench() -> Path | None:
+    """The pgbench that ships with pgserver's PostgreSQL, or one on PATH."""
+    bundled = Path(POSTGRES_BIN_PATH) / "pgbench"
+    if bundled.exists():
+        return bundled
+    found = shutil.which("pgbench")
+    return None if found is None else Path(found)
+
+
+def bench_pgbench(executable: Path, url: str, clients: int, seconds: float) -> Result:
+    """The raw-PostgreSQL footprint of a refresh, run by pgbench (prepared statements, one
+    session per client), with every transaction's latency from its log."""
+    tag = uuid.uuid4().hex[:8]
+    ids = [f"raw-{tag}-{n}" for n in range(clients)]
+    with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.executemany(RAW_SESSION, [(sid, FAST_USER, CLIENT, USER_AGENT) for sid in ids])
+    with tempfile.TemporaryDirectory(prefix="ledger-bench-pgbench-") as work:
+        script = Path(work) / "refresh.sql"
+        script.write_text(PGBENCH_SCRIPT.format(tag=tag, agent=USER_AGENT, client=CLIENT))
+        args = [str(executable), "--no-vacuum", "--protocol=prepared", f"--client={clients}"]
+        args += [f"--jobs={min(clients, 2)}", f"--time={int(WARMUP + seconds)}", "--log"]
+        args += [f"--log-prefix={work}/tx", f"--file={script}", url]
+        done = subprocess.run(args, capture_output=True, text=True, check=False, cwd=work)
+        if done.returncode != 0:
+            raise SystemExit(f"pgbench failed: {done.stderr.strip()[-500:]}")
+        latencies, window = _pgbench_log(Path(work), WARMUP)
+    count = len(latencies)
+    name = f"raw PostgreSQL (pgbench), {clients} clients"
+    return Result(Figure(name, count, window or seconds, latencies if count > 1 else []))
+
+
+def _pgbench_log(work: Path, warmup: float) -> tuple[list[float], float]:
+    """The latencies (seconds) of the transactions that ended after the warm-up, and how long
+    that window lasted. Each log line is `client transaction latency_us script epoch_s epoch_us`."""
+    rows = []
+    for log in work.glob("tx.*"):
+        for line in log.read_text().splitlines():
+            _, _, latency, _, epoch, micros = line.split()[:6]
+            rows.append((int(epoch) + int(micros) / 1e6, int(latency) / 1e6))
+    if not rows:
+        return [], 0.0
+    start = min(end - latency for end, latency in rows) + warmup
+    kept = [(end, latency) for end, latency in rows if end >= start]
+    return [latency for _, latency in kept], max(end for end, _ in kept) - start
+
 
 def bench_raw(url: str, threads: int, seconds: float) -> Result:
     """One refresh's writes by hand: lock the row, insert the event, update the row, commit.
@@ -460,9 +534,13 @@ def progress(text: str) -> None:
 
 def run(url: str, levels: list[int], seconds: float, logs: Path) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = {"raw": [], "refresh": [], "trivial": [], "login": []}
+    executable = pgbench()
     for level in levels:
-        progress(f"raw PostgreSQL baseline, {level} threads")
-        results["raw"].append(bench_raw(url, level, seconds))
+        progress(f"raw PostgreSQL baseline, {level} clients")
+        if executable is None:  # no pgbench: the same transaction from a psycopg loop
+            results["raw"].append(bench_raw(url, level, seconds))
+        else:
+            results["raw"].append(bench_pgbench(executable, url, level, seconds))
     create_accounts(url)
     env = {**os.environ, **SERVER_ENV, "LEDGER_DATABASE_URL": url}
     with serving(api_command(), env, logs / "api.log") as api:
@@ -493,23 +571,39 @@ def report(results: dict[str, list[Result]], levels: list[int]) -> None:
         print(line)
 
 
+def combined_floor(raw: float, floor: float) -> float:
+    """The rate if one refresh did the raw PostgreSQL work and the framework floor's work on the
+    same cores: 1 / (1/raw + 1/floor)."""
+    return 0.0 if raw <= 0 or floor <= 0 else 1 / (1 / raw + 1 / floor)
+
+
 def verdict(results: dict[str, list[Result]], levels: list[int]) -> list[str]:
-    ours = results["refresh"]
-    best = max(range(len(levels)), key=lambda n: ours[n].figure.rate)
-    rate = ours[best].figure.rate
-    lines = [
-        target(rate >= 1000, f"≥ 1,000 refreshes/s: best {rate:,.0f}/s, {levels[best]} clients")
-    ]
+    ours, lines = results["refresh"], []
     for n, level in enumerate(levels):
-        raw = results["raw"][n].figure.rate
-        share = ours[n].figure.rate / raw if raw else 0.0
-        lines.append(target(share >= 0.5, f"≥ 50% of raw PostgreSQL, {level} clients: {share:.0%}"))
+        floor = combined_floor(results["raw"][n].figure.rate, results["trivial"][n].figure.rate)
+        share = ours[n].figure.rate / floor if floor else 0.0
+        lines.append(
+            f"combined floor, {level} clients: {floor:,.0f}/s; refresh reaches {share:.0%}"
+        )
     if 16 in levels:
-        latencies = ours[levels.index(16)].figure.latencies
-        slowest = p99(latencies)
+        n = levels.index(16)
+        floor = combined_floor(results["raw"][n].figure.rate, results["trivial"][n].figure.rate)
+        share = ours[n].figure.rate / floor if floor else 0.0
+        lines.append(
+            target(share >= 0.5, f"≥ 50% of the combined floor at 16 clients: {share:.0%}")
+        )
+        slowest = p99(ours[n].figure.latencies)
         lines.append(target(slowest < 0.025, f"p99 < 25 ms at 16 clients: {slowest * 1000:.1f} ms"))
     else:
-        lines.append("not measured: p99 at 16 clients (16 is not in --levels)")
+        lines.append("not measured: the targets at 16 clients (16 is not in --levels)")
+    if 64 in levels:
+        result = ours[levels.index(64)]
+        slowest, errors = p99(result.figure.latencies), sum(result.errors.values())
+        met = errors == 0 and slowest < 0.1
+        text = f"64 clients: no error and p99 < 100 ms: {errors} errors, {slowest * 1000:.1f} ms"
+        lines.append(target(met, text))
+    else:
+        lines.append("not measured: the target at 64 clients (64 is not in --levels)")
     return lines
 
 

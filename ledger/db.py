@@ -9,11 +9,12 @@ from importlib import resources
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUNTIME_ROLE = "session_ledger_runtime"
 """The least-privilege role schema.sql creates; the server acts as it (SET ROLE) at run time."""
 LOGIN_ROLE = "session_ledger_app"
@@ -183,9 +184,14 @@ class LedgerPool(ConnectionPool):
         return conn
 
     def putconn(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
-        if conn.broken and not self._unreachable and not self._server_answers():
+        broken = conn.broken
+        if broken and not self._unreachable and not self._server_answers():
             self._mark_unreachable()
         super().putconn(conn)
+        if broken:
+            # What cut this connection (a restart, say) most likely cut the idle ones too: test
+            # them now rather than fail one request for each.
+            self.check()
 
     def _mark_unreachable(self) -> None:
         self._unreachable = True
@@ -202,6 +208,81 @@ class LedgerPool(ConnectionPool):
         url = self.conninfo() if callable(self.conninfo) else self.conninfo
         with suppress(psycopg.Error):
             psycopg.connect(url, connect_timeout=2).close()
+            return True
+        return False
+
+
+async def open_async_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 10.0,
+    role: str | None = None,
+) -> AsyncLedgerPool:
+    """open_pool for the event loop: the same options and the same fail-fast behaviour."""
+
+    async def act_as_role(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        if role is not None:
+            await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+
+    pool = AsyncLedgerPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        name="ledger-async",
+        kwargs={"autocommit": True},
+        configure=act_as_role,
+        reconnect_timeout=RECONNECT_SECONDS,
+    )
+    with translated_errors():
+        try:
+            await pool.open(wait=True, timeout=timeout)
+        except PoolTimeout:
+            await pool.close()
+            raise
+    return pool
+
+
+class AsyncLedgerPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
+    """LedgerPool's fail-fast rule for the event loop's pool (see LedgerPool)."""
+
+    _unreachable = False
+
+    async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[TupleRow]:
+        if self._unreachable:
+            timeout = FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
+        try:
+            conn = await super().getconn(timeout)
+        except PoolTimeout:
+            if not self._unreachable and not await self._server_answers():
+                await self._mark_unreachable()
+            raise
+        self._unreachable = False
+        return conn
+
+    async def putconn(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        broken = conn.broken
+        if broken and not self._unreachable and not await self._server_answers():
+            await self._mark_unreachable()
+        await super().putconn(conn)
+        if broken:
+            await self.check()  # as LedgerPool.putconn
+
+    async def _mark_unreachable(self) -> None:
+        self._unreachable = True
+        async with self._lock:  # psycopg_pool's own, as in LedgerPool
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for client in waiting:
+            await client.fail(psycopg.OperationalError("PostgreSQL does not accept connections"))
+
+    async def _server_answers(self) -> bool:
+        url = self.conninfo() if callable(self.conninfo) else self.conninfo
+        with suppress(psycopg.Error):
+            await (await psycopg.AsyncConnection.connect(str(url), connect_timeout=2)).close()
             return True
         return False
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +12,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ledger.chain import GENESIS, BrokenLink, ChainChecker, Envelope
 from ledger.db import translated_errors
@@ -28,11 +28,13 @@ __all__ = [
     "Checkpoint",
     "EventStore",
     "ImportRecord",
+    "PipelinedTransaction",
     "RecordedEvent",
     "Stream",
 ]
 
 Connection = psycopg.Connection[TupleRow]
+AsyncConnection = psycopg.AsyncConnection[TupleRow]
 
 # One event: chained to the hash of version `prev`, which must exist (or prev = 0). A stale `prev`
 # fails on the unique (stream_id, version) key; one ahead of the stream inserts no row. Neither
@@ -51,6 +53,15 @@ SELECT %(stream_id)s, %(stream_type)s, %(prev)s::integer + 1, %(type)s, %(schema
  WHERE head.tx_id IS NULL OR head.tx_id <= pg_current_xact_id()
 RETURNING position
 """
+# _APPEND for a pipelined transaction, whose later statements are sent before its result is read:
+# an append that would insert nothing raises instead (schema.sql), aborting the transaction.
+_APPEND_OR_REFUSE = f"""
+WITH appended AS ({_APPEND.strip()})
+SELECT position FROM appended
+UNION ALL
+SELECT events_append_refused(%(stream_id)s, %(prev)s::integer)
+ WHERE NOT EXISTS (SELECT FROM appended)
+"""  # noqa: S608  (_APPEND is a constant; values are parameters)
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %s"
 _HEADS = (
     "SELECT DISTINCT ON (stream_id) stream_id, version, hash, tx_id > pg_current_xact_id()"
@@ -334,6 +345,73 @@ class EventStore:
                 raise ValueError("append(conn=...) needs a connection in a transaction")
             else:
                 yield conn  # the caller commits or rolls back
+
+
+class PipelinedTransaction:
+    """One decision's transaction on the event loop, in two round trips (see `pipelined`)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self._appended: list[tuple[str, int]] = []
+
+    async def append(
+        self,
+        stream: Stream,
+        expected_version: int,
+        events: Sequence[Event],
+        metadata: Mapping[str, object] | None = None,
+    ) -> None:
+        """Queue EventStore.append's insert; a stream not at `expected_version` (or last written
+        by a newer transaction) makes the whole transaction fail with ConcurrencyConflict."""
+        if expected_version < 0 or not events:
+            raise ValueError("append needs expected_version >= 0 and at least one event")
+        for params in _append_params(stream, expected_version, events, metadata or {}):
+            await self.conn.execute(_APPEND_OR_REFUSE, params, prepare=True)
+        self._appended.append((stream.id, expected_version))
+
+    async def conflict(self, error: psycopg.Error) -> ConcurrencyConflict:
+        """The ConcurrencyConflict an aborted append stands for (read after the rollback)."""
+        stream_id, expected = self._appended[0] if self._appended else ("?", 0)
+        cursor = await self.conn.execute(_VERSION, (stream_id,))
+        row = await cursor.fetchone()
+        actual = 0 if row is None else int(row[0])
+        why = None if actual != expected else _OLDER_TRANSACTION.format(stream_id)
+        conflict = ConcurrencyConflict(stream_id, expected, actual, why)
+        conflict.__cause__ = error
+        return conflict
+
+
+@asynccontextmanager
+async def pipelined(pool: AsyncConnectionPool[Any]) -> AsyncIterator[PipelinedTransaction]:
+    """A transaction whose statements travel pipelined: BEGIN goes with the first statement whose
+    result is read (a row lock, say), and what is queued after the last read (appends,
+    projection rows) goes with COMMIT. A failure anywhere rolls it all back; a stream found at
+    another version raises ConcurrencyConflict, as EventStore.append does."""
+    with translated_errors():
+        async with pool.connection() as conn:
+            tx = PipelinedTransaction(conn)
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN")
+                    yield tx
+                    await conn.execute("COMMIT")
+            except (pg_errors.UniqueViolation, pg_errors.SerializationFailure) as e:
+                await _rollback(conn)
+                lost = isinstance(e, pg_errors.SerializationFailure) or (
+                    e.diag.constraint_name == _CONFLICT_CONSTRAINT
+                )
+                if not lost:
+                    raise
+                raise await tx.conflict(e) from e
+            except BaseException:
+                await _rollback(conn)
+                raise
+
+
+async def _rollback(conn: AsyncConnection) -> None:
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        with suppress(psycopg.Error):
+            await conn.execute("ROLLBACK")
 
 
 def _append_params(

@@ -10,14 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
-from api.accounts import PRODUCTION_HASHER, Accounts
+from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
 from api.http import audit, errors, metrics, oauth, openapi, sessions
 from api.http.browser import router as browser_router
 from api.keys import Sealer
 from api.sessions import SessionService
 from api.settings import Settings
 from ledger.clock import Clock, SystemClock
-from ledger.db import RUNTIME_ROLE, open_pool, translated_errors
+from ledger.db import RUNTIME_ROLE, AsyncLedgerPool, open_async_pool, open_pool, translated_errors
 from ledger.errors import LedgerError
 from projections.sql.runner import Runner
 
@@ -32,8 +32,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await run_in_threadpool(lambda: open_pool(database_url, role=RUNTIME_ROLE))
+        apool: AsyncLedgerPool | None = None
         runner: Runner | None = None
         try:
+            apool = await open_async_pool(database_url, role=RUNTIME_ROLE)
             accounts = Accounts(pool, hasher)
             # The first unknown-user login must not be the one that pays for the stand-in hash.
             await run_in_threadpool(accounts.check_password, None, "")
@@ -41,8 +43,15 @@ def create_app(
             app.state.pool = pool
             app.state.settings = settings
             app.state.accounts = accounts
+            app.state.clients = ClientDirectory(apool)
             app.state.service = await run_in_threadpool(
-                SessionService, pool, accounts, settings, (clock or SystemClock()).now, sealer
+                SessionService,
+                pool,
+                apool,
+                accounts,
+                settings,
+                (clock or SystemClock()).now,
+                sealer,
             )
             app.state.metrics = metrics.registry(latency, pool, app.state.service.clock)
             runner = _start_runner(database_url, pool) if settings.run_projections else None
@@ -50,6 +59,8 @@ def create_app(
         finally:
             if runner is not None:
                 await run_in_threadpool(runner.stop)
+            if apool is not None:
+                await apool.close()
             await run_in_threadpool(pool.close)
 
     app = FastAPI(title="session-ledger", lifespan=lifespan)

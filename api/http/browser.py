@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import Accounts, Client
+from api.accounts import Client, ClientDirectory
 from api.errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service
@@ -89,7 +89,7 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
     try:
         if not token:
             raise InvalidGrant("there is no browser session: the refresh cookie is missing")
-        grant = await run_in_threadpool(service.refresh, token, client, info)
+        grant = await service.refresh(token, client, info)
     except InvalidGrant as e:
         refused = error_response(e)
         _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser
@@ -171,8 +171,8 @@ def _clear_cookie(response: Response) -> None:
 
 
 async def _public_client(request: Request, client_id: str, grant: str | None) -> Client:
-    accounts: Accounts = request.app.state.accounts
-    client = await run_in_threadpool(accounts.client, client_id)
+    clients: ClientDirectory = request.app.state.clients
+    client = await clients.client(client_id)
     if client is None or client.is_confidential:
         raise BrowserClientRefused("browser mode needs a registered public client")
     if grant is not None and grant not in client.grants:

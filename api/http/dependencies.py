@@ -6,7 +6,6 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
 from api.accounts import Accounts
 from api.http.errors import BearerRequired
@@ -39,7 +38,7 @@ async def caller_of(request: Request, service: Service) -> tuple[AccessClaims, S
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise BearerRequired("a bearer access token is required")
-    return await run_in_threadpool(service.authenticate, value.strip())
+    return await service.authenticate(value.strip())
 
 
 Caller = Annotated[tuple[AccessClaims, SessionState], Depends(caller_of)]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import GRANTS, Client
+from api.accounts import GRANTS, Client, ClientDirectory
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service, accounts_of
@@ -38,7 +38,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
         if "scope" in form:
             raise InvalidRequest("a refresh keeps the session's scope; omit scope")
         refresh_token = required(form, "refresh_token")
-        grant = await run_in_threadpool(service.refresh, refresh_token, client, info)
+        grant = await service.refresh(refresh_token, client, info)
     return JSONResponse(_token_body(grant), headers=NO_STORE)
 
 
@@ -65,7 +65,7 @@ async def introspect(request: Request, service: Service) -> JSONResponse:
     if not client.is_confidential:
         raise InvalidClient("introspection needs a confidential client")
     token_value = required(form, "token")
-    body = await run_in_threadpool(service.introspect, token_value, form.get("token_type_hint"))
+    body = await service.introspect(token_value, form.get("token_type_hint"))
     return JSONResponse(body, headers=NO_STORE)
 
 
@@ -110,7 +110,8 @@ async def _authenticate_client(request: Request, form: dict[str, str]) -> Client
     if credentials is None:
         raise InvalidClient("client authentication is required")
     registered = accounts_of(request)
-    client = await run_in_threadpool(registered.client, credentials.client_id)
+    clients: ClientDirectory = request.app.state.clients
+    client = await clients.client(credentials.client_id)
     if client is None:
         raise InvalidClient("unknown client or bad credentials")
     if client.is_confidential:

@@ -26,7 +26,7 @@ router = APIRouter()
     responses=oas.NO_CONTENT_RESPONSES,
 )
 async def activity(caller: Caller, service: Service, info: Info) -> Response:
-    await run_in_threadpool(service.record_activity, caller[1], info)
+    await service.record_activity(caller[1], info)
     return Response(status_code=204, headers=NO_STORE)
 
 

@@ -1,7 +1,8 @@
 """The inline projections: session and principal rows, written with the events they reflect.
 
 Callers load a row `FOR UPDATE` inside their transaction, decide, append the events with
-`EventStore.append(conn=...)` and save the folded state in the same transaction, so a row never
+`EventStore.append(conn=...)` (or `PipelinedTransaction.append` on the event loop) and save the
+folded state in the same transaction, so a row never
 disagrees with its stream and concurrent requests for one session queue on the row lock. A rebuild
 folds the same events with the same functions into other tables (`table=`).
 """
@@ -26,6 +27,7 @@ from projections.session import Rotation, SessionState, valid_after
 from projections.streams import is_principal, is_session, principal_name_of, session_id_of
 
 Connection = psycopg.Connection[TupleRow]
+AsyncConnection = psycopg.AsyncConnection[TupleRow]
 
 _SESSION_COLUMNS = (
     "session_id, version, user_name, client_id, scope, started_at, last_activity, generation,"
@@ -86,6 +88,24 @@ def save_session(conn: Connection, state: SessionState, *, table: str = "session
     """Write the session's folded state (insert or replace)."""
     query = statement(_SAVE_SESSION, table, _SESSION_COLUMNS)
     conn.execute(query, _session_params(state), prepare=True)
+
+
+async def load_session_async(
+    conn: AsyncConnection, session_id: str, *, for_update: bool
+) -> SessionState | None:
+    """load_session on the event loop."""
+    query = statement(_LOAD_SESSION, "sessions", _SESSION_COLUMNS) + (
+        " FOR UPDATE" if for_update else ""
+    )
+    cursor = await conn.execute(query, (session_id,), prepare=True)
+    row = await cursor.fetchone()
+    return None if row is None else _session(row)
+
+
+async def save_session_async(conn: AsyncConnection, state: SessionState) -> None:
+    """save_session on the event loop; in a pipeline it is only queued."""
+    query = statement(_SAVE_SESSION, "sessions", _SESSION_COLUMNS)
+    await conn.execute(query, _session_params(state), prepare=True)
 
 
 def user_sessions(

@@ -287,6 +287,7 @@ def outage_under_load(
         down = time.monotonic()
 
         form = {"grant_type": "password", "client_id": "spa", "username": "ada"}
+        form["password"] = PASSWORD
         token = f"{base}/oauth/token"
         assert_unavailable(*timed(lambda: requests.post(token, data=form, timeout=60)))
         health, seconds = timed(lambda: requests.get(f"{base}/healthz", timeout=60))
