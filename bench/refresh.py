@@ -59,6 +59,8 @@ SERVER_ENV = {
     "LEDGER_ACCESS_TOKEN_TTL": "1h",
     "LEDGER_IDLE_TIMEOUT": "8h",
     "LEDGER_ABSOLUTE_TIMEOUT": "1d",
+    # Every set-up login and the login figure come from one address: no per-address limit.
+    "LEDGER_ADDRESS_LOGIN_LIMIT": "1000000",
 }
 # Argon2 verification costs what the stored hash says: set-up logins use this cheap one.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -361,23 +363,25 @@ def bench_login(server: Server, seconds: float) -> Result:
 
 # One refresh's writes as a pgbench script: each pgbench client chains its own session. The event
 # row has the product's shape (payload, metadata, hashes); the rotations array grows in PostgreSQL
-# (`||`) as the service's row does.
+# (`||`) as the service's row does. pgbench reads `:name` as a variable even inside a literal,
+# hence the stream id's ':' as a literal of its own.
 PGBENCH_SCRIPT = """
 BEGIN;
 SELECT version + 1 AS v, generation + 1 AS g FROM sessions
- WHERE session_id = 'raw-{tag}-' || :client_id FOR UPDATE \\gset
+ WHERE session_id = 'raw-{tag}-' || :client_id::text FOR UPDATE \\gset
 INSERT INTO events (stream_id, stream_type, version, type, schema_version, data, metadata,
                     occurred_at, prev_hash, hash)
-VALUES ('session:raw-{tag}-' || :client_id, 'session', :v, 'RefreshTokenRotated', 1,
-        jsonb_build_object('generation', :g, 'ip', '127.0.0.1', 'refresh_token_hash',
+VALUES ('session' || ':' || 'raw-{tag}-' || :client_id::text, 'session', :v::int,
+        'RefreshTokenRotated', 1,
+        jsonb_build_object('generation', :g::int, 'ip', '127.0.0.1', 'refresh_token_hash',
                            repeat('0', 64), 'user_agent', '{agent}'),
         jsonb_build_object('client_id', '{client}', 'ip', '127.0.0.1', 'request_id',
                            gen_random_uuid()::text, 'user_agent', '{agent}'),
         now(), sha256('prev'::bytea), sha256('this'::bytea));
-UPDATE sessions SET version = :v, generation = :g,
+UPDATE sessions SET version = :v::int, generation = :g,
        rotations = rotations || jsonb_build_array(jsonb_build_object('at', now()::text,
-           'ip', '127.0.0.1', 'retired_generation', :g - 1, 'user_agent', '{agent}'))
- WHERE session_id = 'raw-{tag}-' || :client_id;
+           'ip', '127.0.0.1', 'retired_generation', :g::int - 1, 'user_agent', '{agent}'))
+ WHERE session_id = 'raw-{tag}-' || :client_id::text;
 COMMIT;
 """
 
@@ -514,8 +518,9 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def api_command() -> list[str]:
-    executable = Path(sys.executable).with_name("session-ledger")
+def api_command(executable: Path | None = None) -> list[str]:
+    """`session-ledger serve` of this environment, or of another build's `executable`."""
+    executable = executable or Path(sys.executable).with_name("session-ledger")
     if not executable.exists():
         raise SystemExit(f"{executable} is missing: install the project (pip install -e .)")
     return [str(executable), "serve"]
@@ -532,7 +537,9 @@ def progress(text: str) -> None:
     print(f"… {text}", file=sys.stderr, flush=True)
 
 
-def run(url: str, levels: list[int], seconds: float, logs: Path) -> dict[str, list[Result]]:
+def run(
+    url: str, levels: list[int], seconds: float, logs: Path, serve: Path | None = None
+) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = {"raw": [], "refresh": [], "trivial": [], "login": []}
     executable = pgbench()
     for level in levels:
@@ -543,7 +550,7 @@ def run(url: str, levels: list[int], seconds: float, logs: Path) -> dict[str, li
             results["raw"].append(bench_pgbench(executable, url, level, seconds))
     create_accounts(url)
     env = {**os.environ, **SERVER_ENV, "LEDGER_DATABASE_URL": url}
-    with serving(api_command(), env, logs / "api.log") as api:
+    with serving(api_command(serve), env, logs / "api.log") as api:
         for level in levels:
             progress(f"refresh, {level} clients")
             results["refresh"].append(bench_refresh(api, level, seconds, "refresh via HTTP"))
@@ -612,6 +619,11 @@ def main() -> None:
     parser.add_argument("--url", default=os.environ.get("LEDGER_DATABASE_URL"))
     parser.add_argument("--seconds", type=_seconds, default=5.0, help="measured seconds per figure")
     parser.add_argument("--levels", type=_levels, default=[1, 16, 64], help="e.g. 1,16,64")
+    parser.add_argument(
+        "--serve",
+        type=Path,
+        help="the session-ledger executable to measure (another build's, to compare)",
+    )
     args = parser.parse_args()
 
     with scratch_run(args.url) as (url, logs):
@@ -621,7 +633,7 @@ def main() -> None:
         print(f"{args.seconds:g} s per figure after {WARMUP:g} s warm-up,", end=" ")
         print(f"load average {load_average()}")
         sys.stdout.flush()  # before the progress lines on stderr
-        results = run(url, args.levels, args.seconds, logs)
+        results = run(url, args.levels, args.seconds, logs, args.serve)
         report(results, args.levels)
 
 
