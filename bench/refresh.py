@@ -46,6 +46,7 @@ from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts
 from bench.append import Figure, load_average, p99, scratch_run, target
 from ledger.chain import GENESIS
 from ledger.db import open_pool
+from projections.session import ROTATIONS_KEPT
 from projections.streams import session_stream_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,9 @@ RAW_EVENT = (
     " %s, %s, %s)"
 )
 RAW_UPDATE = (
-    "UPDATE sessions SET version = %s, generation = %s, rotations = rotations || %s::jsonb"
+    "UPDATE sessions SET version = %s, generation = %s, rotations = (CASE WHEN"
+    f" jsonb_array_length(rotations) >= {ROTATIONS_KEPT} THEN rotations - 0 ELSE rotations END)"
+    " || %s::jsonb"
     " WHERE session_id = %s"
 )
 RAW_SESSION = (
@@ -363,8 +366,8 @@ def bench_login(server: Server, seconds: float) -> Result:
 
 # One refresh's writes as a pgbench script: each pgbench client chains its own session. The event
 # row has the product's shape (payload, metadata, hashes); the rotations array grows in PostgreSQL
-# (`||`) as the service's row does. pgbench reads `:name` as a variable even inside a literal,
-# hence the stream id's ':' as a literal of its own.
+# (`||`) up to the ROTATIONS_KEPT most recent entries, as the service's row does. pgbench reads
+# `:name` as a variable even inside a literal, hence the stream id's ':' as a literal of its own.
 PGBENCH_SCRIPT = """
 BEGIN;
 SELECT version + 1 AS v, generation + 1 AS g FROM sessions
@@ -379,7 +382,8 @@ VALUES ('session' || ':' || 'raw-{tag}-' || :client_id::text, 'session', :v::int
                            gen_random_uuid()::text, 'user_agent', '{agent}'),
         now(), sha256('prev'::bytea), sha256('this'::bytea));
 UPDATE sessions SET version = :v::int, generation = :g,
-       rotations = rotations || jsonb_build_array(jsonb_build_object('at', now()::text,
+       rotations = (CASE WHEN jsonb_array_length(rotations) >= {kept} THEN rotations - 0
+                    ELSE rotations END) || jsonb_build_array(jsonb_build_object('at', now()::text,
            'ip', '127.0.0.1', 'retired_generation', :g::int - 1, 'user_agent', '{agent}'))
  WHERE session_id = 'raw-{tag}-' || :client_id::text;
 COMMIT;
@@ -404,7 +408,9 @@ def bench_pgbench(executable: Path, url: str, clients: int, seconds: float) -> R
         cursor.executemany(RAW_SESSION, [(sid, FAST_USER, CLIENT, USER_AGENT) for sid in ids])
     with tempfile.TemporaryDirectory(prefix="ledger-bench-pgbench-") as work:
         script = Path(work) / "refresh.sql"
-        script.write_text(PGBENCH_SCRIPT.format(tag=tag, agent=USER_AGENT, client=CLIENT))
+        script.write_text(
+            PGBENCH_SCRIPT.format(tag=tag, agent=USER_AGENT, client=CLIENT, kept=ROTATIONS_KEPT)
+        )
         args = [str(executable), "--no-vacuum", "--protocol=prepared", f"--client={clients}"]
         args += [f"--jobs={min(clients, 2)}", f"--time={int(WARMUP + seconds)}", "--log"]
         args += [f"--log-prefix={work}/tx", f"--file={script}", url]
