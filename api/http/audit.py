@@ -47,7 +47,7 @@ Version = Annotated[int, Query(ge=0, le=2**31 - 1)]
 DATE_TIME: dict[str, Any] = {"format": "date-time"}  # ISO 8601 (RFC 3339 in the schema)
 
 
-def _store(request: Request) -> EventStore:
+async def _store(request: Request) -> EventStore:  # async: no thread hop (dependencies.py)
     return EventStore(request.app.state.pool)
 
 

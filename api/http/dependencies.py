@@ -14,7 +14,11 @@ from api.tokens import AccessClaims
 from projections.session import SessionState
 
 
-def service_of(request: Request) -> SessionService:
+# Dependencies are `async def`: FastAPI runs a plain `def` one in a worker thread, a round trip
+# through the thread pool on every request.
+
+
+async def service_of(request: Request) -> SessionService:
     service: SessionService = request.app.state.service
     return service
 
@@ -24,7 +28,7 @@ def accounts_of(request: Request) -> Accounts:
     return accounts
 
 
-def request_info(request: Request) -> RequestInfo:
+async def request_info(request: Request) -> RequestInfo:
     ip = request.client.host if request.client else None
     return RequestInfo(str(uuid.uuid4()), ip, request.headers.get("user-agent"))
 
