@@ -369,16 +369,14 @@ class PipelinedTransaction:
             await self.conn.execute(_APPEND_OR_REFUSE, params, prepare=True)
         self._appended.append((stream.id, expected_version))
 
-    async def conflict(self, error: psycopg.Error) -> ConcurrencyConflict:
+    async def conflict(self) -> ConcurrencyConflict:
         """The ConcurrencyConflict an aborted append stands for (read after the rollback)."""
         stream_id, expected = self._appended[0] if self._appended else ("?", 0)
         cursor = await self.conn.execute(_VERSION, (stream_id,))
         row = await cursor.fetchone()
         actual = 0 if row is None else int(row[0])
         why = None if actual != expected else _OLDER_TRANSACTION.format(stream_id)
-        conflict = ConcurrencyConflict(stream_id, expected, actual, why)
-        conflict.__cause__ = error
-        return conflict
+        return ConcurrencyConflict(stream_id, expected, actual, why)
 
 
 @asynccontextmanager
@@ -402,7 +400,7 @@ async def pipelined(pool: AsyncConnectionPool[Any]) -> AsyncIterator[PipelinedTr
                 )
                 if not lost:
                     raise
-                raise await tx.conflict(e) from e
+                raise await tx.conflict() from e
             except BaseException:
                 await _rollback(conn)
                 raise

@@ -13,7 +13,6 @@ from api.sessions import RequestInfo, SessionService
 from api.tokens import AccessClaims
 from projections.session import SessionState
 
-
 # Dependencies are `async def`: FastAPI runs a plain `def` one in a worker thread, a round trip
 # through the thread pool on every request.
 
