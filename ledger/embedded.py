@@ -35,6 +35,14 @@ def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
         ) from e
 
 
+def running_url(data_dir: Path) -> str | None:
+    """The superuser URL of the server running on `data_dir`, or None; unlike start_embedded,
+    the caller does not become one of the server's users (which would keep it running after the
+    process that started it exits)."""
+    info = PostmasterInfo.read_from_pgdata(data_dir.expanduser().resolve())
+    return info.get_uri() if info is not None and info.is_running() else None
+
+
 def is_embedded_running(data_dir: Path) -> bool:
     """Whether a PostgreSQL server is running on `data_dir`."""
     info = PostmasterInfo.read_from_pgdata(data_dir.expanduser().resolve())

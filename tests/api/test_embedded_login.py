@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from ledger.db import LOGIN_ROLE, RUNTIME_ROLE
-from ledger.embedded import start_embedded, stop_embedded
+from ledger.embedded import running_url, start_embedded, stop_embedded
 from tests.api.test_cli import run
 from tests.api.test_serve import serving
 
@@ -52,7 +52,9 @@ def test_serve_on_the_embedded_default_logs_in_as_a_role_with_no_powers(tmp_path
             f"{url}/oauth/token", data={**form, "password": "demo-password"}, timeout=30
         )
         assert login.status_code == 200, login.text
-        with psycopg.connect(start_embedded(data_dir), autocommit=True) as conn:
+        owner_url = running_url(data_dir)
+        assert owner_url is not None
+        with psycopg.connect(owner_url, autocommit=True) as conn:
             logins = conn.execute(
                 "SELECT DISTINCT usename FROM pg_stat_activity"
                 " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
