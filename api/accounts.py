@@ -103,7 +103,7 @@ class Accounts:
     def client(self, client_id: str) -> Client | None:
         with translated_errors(), self._pool.connection() as conn:
             row = conn.execute(_CLIENT, (client_id,), prepare=True).fetchone()
-        return None if row is None else Client(row[0], row[1], tuple(row[2]))
+        return None if row is None else _client(row)
 
     @functools.cached_property
     def _dummy_hash(self) -> str:
@@ -164,9 +164,13 @@ class ClientDirectory:
         if row is None:
             self._cache.pop(client_id, None)
             return None
-        client = Client(row[0], row[1], tuple(row[2]))
+        client = _client(row)
         self._cache[client_id] = (now, client)
         return client
+
+
+def _client(row: tuple[Any, ...]) -> Client:
+    return Client(row[0], row[1], tuple(row[2]))
 
 
 def _check_name(name: str, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -134,21 +135,10 @@ def open_pool(
 ) -> LedgerPool:
     """Open a connection pool and wait until it holds a working connection; with `role`, every
     connection acts as that role (SET ROLE)."""
-    # Autocommit: a single-statement append or read needs no BEGIN/COMMIT round trips; code
-    # that needs several statements in one transaction opens one with conn.transaction().
     pool = LedgerPool(
         url,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout,
-        open=False,
-        name="ledger",
-        kwargs={"autocommit": True},
+        **_pool_options(min_size, max_size, timeout, "ledger"),
         configure=None if role is None else lambda conn: _set_role(conn, role),
-        # A failing reconnection backs off (1 s, 2 s, 4 s, ...); giving it up after a few
-        # seconds lets the next waiting request start afresh, so recovery after an outage takes
-        # seconds however long the outage was.
-        reconnect_timeout=RECONNECT_SECONDS,
     )
     with translated_errors():
         try:
@@ -159,6 +149,32 @@ def open_pool(
     return pool
 
 
+def _pool_options(min_size: int, max_size: int, timeout: float, name: str) -> dict[str, Any]:
+    """What open_pool and open_async_pool share."""
+    return {
+        "min_size": min_size,
+        "max_size": max_size,
+        "timeout": timeout,
+        "open": False,
+        "name": name,
+        # Autocommit: a single-statement append or read needs no BEGIN/COMMIT round trips; code
+        # that needs several statements in one transaction opens one.
+        "kwargs": {"autocommit": True},
+        # A failing reconnection backs off (1 s, 2 s, 4 s, ...); giving it up after a few
+        # seconds lets the next waiting request start afresh, so recovery after an outage takes
+        # seconds however long the outage was.
+        "reconnect_timeout": RECONNECT_SECONDS,
+    }
+
+
+def _fail_fast(timeout: float | None, unreachable: bool) -> float | None:
+    """How long a caller may wait for a connection: at most FAIL_FAST_SECONDS while the server
+    is taken for down."""
+    if not unreachable:
+        return timeout
+    return FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
+
+
 class LedgerPool(ConnectionPool):
     """A pool that stops making callers wait out the whole timeout while PostgreSQL is down.
 
@@ -167,15 +183,27 @@ class LedgerPool(ConnectionPool):
     answered at once, and until a connection is handed out again new callers wait at most
     FAIL_FAST_SECONDS (the pool keeps reconnecting in the background meanwhile). A timeout while
     the server answers is plain saturation and changes nothing.
+
+    A connection is tested (an empty query) before it is handed out. This pool serves what is not
+    the hot path, so the round trip is cheap beside the work; in return a worker whose idle
+    connections a database restart cut answers its next request instead of failing it. A
+    connection found cut is returned as broken (see putconn), and another one taken.
     """
 
     _unreachable = False
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[tuple[object, ...]]:
-        if self._unreachable:
-            timeout = FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
+        conn = self._getconn_fast(timeout)
         try:
-            conn = super().getconn(timeout)
+            self.check_connection(conn)
+        except psycopg.Error:
+            self.putconn(conn)
+            conn = self._getconn_fast(timeout)
+        return conn
+
+    def _getconn_fast(self, timeout: float | None) -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            conn = super().getconn(_fail_fast(timeout, self._unreachable))
         except PoolTimeout:
             if not self._unreachable and not self._server_answers():
                 self._mark_unreachable()
@@ -224,18 +252,12 @@ async def open_async_pool(
 
     async def act_as_role(conn: psycopg.AsyncConnection[TupleRow]) -> None:
         if role is not None:
-            await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            await conn.execute(_set_role_statement(role))
 
     pool = AsyncLedgerPool(
         url,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout,
-        open=False,
-        name="ledger-async",
-        kwargs={"autocommit": True},
+        **_pool_options(min_size, max_size, timeout, "ledger-async"),
         configure=act_as_role,
-        reconnect_timeout=RECONNECT_SECONDS,
     )
     with translated_errors():
         try:
@@ -247,15 +269,15 @@ async def open_async_pool(
 
 
 class AsyncLedgerPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
-    """LedgerPool's fail-fast rule for the event loop's pool (see LedgerPool)."""
+    """LedgerPool's fail-fast rule for the event loop's pool (see LedgerPool). Connections are
+    not tested before they are handed out: this pool serves the hot path, and after a restart
+    the first cut connection returned makes the pool test the idle ones."""
 
     _unreachable = False
 
     async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[TupleRow]:
-        if self._unreachable:
-            timeout = FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
         try:
-            conn = await super().getconn(timeout)
+            conn = await super().getconn(_fail_fast(timeout, self._unreachable))
         except PoolTimeout:
             if not self._unreachable and not await self._server_answers():
                 await self._mark_unreachable()
@@ -288,7 +310,11 @@ class AsyncLedgerPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
 
 
 def _set_role(conn: psycopg.Connection[tuple[object, ...]], role: str) -> None:
-    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+    conn.execute(_set_role_statement(role))
+
+
+def _set_role_statement(role: str) -> sql.Composed:
+    return sql.SQL("SET ROLE {}").format(sql.Identifier(role))
 
 
 def _first_line(error: Exception) -> str:

@@ -100,14 +100,9 @@ def _start_runner(url: str, pool: ConnectionPool) -> Runner:
 
 
 def _database_reachable(pool: ConnectionPool) -> bool:
-    # A pooled connection that a database restart cut says nothing about the server now; its
-    # return makes the pool test its idle ones (LedgerPool.putconn), so a second try gets a live
-    # one, or fails fast when the server is down.
-    for _ in range(2):
-        try:
-            with translated_errors(), pool.connection(timeout=2.0) as conn:
-                conn.execute("SELECT 1")
-        except LedgerError:
-            continue
-        return True
-    return False
+    try:
+        with translated_errors(), pool.connection(timeout=2.0) as conn:
+            conn.execute("SELECT 1")
+    except LedgerError:
+        return False
+    return True

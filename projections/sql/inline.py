@@ -77,10 +77,7 @@ def load_session(
     conn: Connection, session_id: str, *, for_update: bool, table: str = "sessions"
 ) -> SessionState | None:
     """The session's projected state; with `for_update`, locked until the transaction ends."""
-    query = statement(_LOAD_SESSION, table, _SESSION_COLUMNS) + (
-        " FOR UPDATE" if for_update else ""
-    )
-    row = conn.execute(query, (session_id,), prepare=True).fetchone()
+    row = conn.execute(_load_session(table, for_update), (session_id,), prepare=True).fetchone()
     return None if row is None else _session(row)
 
 
@@ -94,10 +91,7 @@ async def load_session_async(
     conn: AsyncConnection, session_id: str, *, for_update: bool
 ) -> SessionState | None:
     """load_session on the event loop."""
-    query = statement(_LOAD_SESSION, "sessions", _SESSION_COLUMNS) + (
-        " FOR UPDATE" if for_update else ""
-    )
-    cursor = await conn.execute(query, (session_id,), prepare=True)
+    cursor = await conn.execute(_load_session("sessions", for_update), (session_id,), prepare=True)
     row = await cursor.fetchone()
     return None if row is None else _session(row)
 
@@ -106,6 +100,10 @@ async def save_session_async(conn: AsyncConnection, state: SessionState) -> None
     """save_session on the event loop; in a pipeline it is only queued."""
     query = statement(_SAVE_SESSION, "sessions", _SESSION_COLUMNS)
     await conn.execute(query, _session_params(state), prepare=True)
+
+
+def _load_session(table: str, for_update: bool) -> str:
+    return statement(_LOAD_SESSION, table, _SESSION_COLUMNS) + (" FOR UPDATE" if for_update else "")
 
 
 def user_sessions(

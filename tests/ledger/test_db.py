@@ -82,6 +82,22 @@ def test_once_the_server_is_found_down_callers_fail_fast_until_it_is_back(
         wait_until(lambda: _answers(pool), timeout=30, what="the pool to reconnect")
 
 
+def test_connections_cut_while_idle_are_replaced_before_a_caller_gets_one(
+    db_url: str, pg_server_url: str
+) -> None:
+    with open_pool(db_url, min_size=2, max_size=2, timeout=30) as pool:
+        with pool.connection(), pool.connection():
+            pass  # both connections open, now idle in the pool
+        name = conninfo_to_dict(db_url)["dbname"]
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:  # as a restart would
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        _select_one(pool)  # answered, not failed on a dead connection
+        _select_one(pool)
+
+
 def test_a_busy_pool_times_out_without_taking_the_server_for_down(db_url: str) -> None:
     with (
         open_pool(db_url, min_size=1, max_size=1, timeout=5) as pool,
