@@ -8,8 +8,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
--- 2: login_throttle. 3: events_append_refused.
-INSERT INTO schema_version (version) VALUES (3) ON CONFLICT DO NOTHING;
+-- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
+INSERT INTO schema_version (version) VALUES (4) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -206,6 +206,22 @@ $$;
 CREATE OR REPLACE TRIGGER events_notify
     AFTER INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
+
+-- Tells every server that clients or signing keys changed (LISTEN ledger_changes, payload: the
+-- table), so that what they hold in memory is dropped at once (api.changes).
+CREATE OR REPLACE FUNCTION ledger_changes_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('ledger_changes', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER clients_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON clients
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_changes_notify();
+CREATE OR REPLACE TRIGGER signing_keys_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON signing_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_changes_notify();
 
 -- The least-privilege runtime role: INSERT and SELECT on events and nothing more on it; it
 -- reads accounts and keys and keeps the projections. It is created only

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +21,6 @@ GRANTS = ("password", "refresh_token")
 
 PRODUCTION_HASHER = PasswordHasher()
 """argon2id with argon2-cffi's defaults (RFC 9106's second recommended option)."""
-
-CLIENT_CACHE_SECONDS = 1.0
-"""How long a worker serves a client from memory: a changed or removed client takes effect within
-this time in every worker."""
 
 _NAME = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 _MAX_SCOPE_CHARS = 64
@@ -136,36 +131,38 @@ _CLIENT = "SELECT client_id, secret_hash, grants FROM clients WHERE client_id = 
 
 
 class ClientDirectory:
-    """Registered clients for the request path, on the event loop, each served from memory for
-    up to CLIENT_CACHE_SECONDS after it was read. Unknown ids are read every time: caching them
-    would let anyone grow the cache, and delay a client that was just added."""
+    """Registered clients for the request path, on the event loop, served from memory while
+    `live()` says that changes are being followed (api.changes): a change to `clients` then
+    reaches `forget()` within milliseconds. Otherwise every lookup reads the database. Unknown
+    ids are read every time: caching them would let anyone grow the cache."""
 
     def __init__(
-        self,
-        apool: AsyncConnectionPool[Any],
-        *,
-        ttl: float = CLIENT_CACHE_SECONDS,
-        monotonic: Callable[[], float] = time.monotonic,
+        self, apool: AsyncConnectionPool[Any], live: Callable[[], bool] = lambda: False
     ) -> None:
         self._apool = apool
-        self._ttl = ttl
-        self._monotonic = monotonic
-        self._cache: dict[str, tuple[float, Client]] = {}
+        self._live = live
+        self._cache: dict[str, Client] = {}
+        self._generation = 0
+
+    def forget(self) -> None:
+        """Drop every client held; a lookup already reading the database keeps its answer
+        to itself."""
+        self._cache.clear()
+        self._generation += 1
 
     async def client(self, client_id: str) -> Client | None:
-        now = self._monotonic()
-        cached = self._cache.get(client_id)
-        if cached is not None and now - cached[0] < self._ttl:
-            return cached[1]
+        live = self._live()
+        if live and (cached := self._cache.get(client_id)) is not None:
+            return cached
+        generation = self._generation
         with translated_errors():
             async with self._apool.connection() as conn:
                 cursor = await conn.execute(_CLIENT, (client_id,), prepare=True)
                 row = await cursor.fetchone()
-        if row is None:
-            self._cache.pop(client_id, None)
-            return None
-        client = _client(row)
-        self._cache[client_id] = (now, client)
+        client = None if row is None else _client(row)
+        # A change announced while this read was in flight may postdate what it read.
+        if live and client is not None and generation == self._generation:
+            self._cache[client_id] = client
         return client
 
 

@@ -24,6 +24,10 @@ ALGORITHM = "EdDSA"
 REFRESH_KEY_NAME = "refresh_token_key"
 SEALING_VARIABLE = "LEDGER_KEY_ENCRYPTION_KEY"
 
+KEY_CHANGE_MARGIN = timedelta(seconds=60)
+"""How long past its last possible token a retired key stays in the JWKS: for the worker that
+learns of a rotation late (api.changes) and for verifiers between two reads of the JWKS."""
+
 _FORMAT = b"v1"
 _SALT_BYTES = 16
 _NONCE_BYTES = 12
@@ -138,8 +142,8 @@ class KeyRing:
         return next((key for key in self.keys if key.kid == kid), None)
 
     def jwks(self, now: datetime, retention: timedelta) -> dict[str, list[dict[str, str]]]:
-        # `retention` covers the last token a retired key signed: access-token lifetime plus the
-        # interval at which verifiers reload the ring.
+        # `retention` covers the last token a retired key signed: access-token lifetime plus
+        # KEY_CHANGE_MARGIN.
         published = [
             key.public_jwk()
             for key in self.keys

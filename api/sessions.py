@@ -6,8 +6,6 @@ projection row lock, so any number of workers behave like one.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.accounts import Accounts, Client
 from api.errors import InvalidGrant, InvalidScope, InvalidToken
-from api.keys import KeyRing, Sealer, load_keyring, load_refresh_secret
+from api.keys import KEY_CHANGE_MARGIN, KeyRing, Sealer, load_keyring, load_refresh_secret
 from api.settings import Settings
 from api.throttle import AddressThrottle
 from api.tokens import (
@@ -114,8 +112,6 @@ class SessionService:
         self._sealer = sealer
         self._refresh_secret = load_refresh_secret(pool, sealer, clock())
         self._keyring = load_keyring(pool, sealer, clock())
-        self._keys_loaded = time.monotonic()
-        self._keys_lock = threading.Lock()
         self._throttle = AddressThrottle(pool, settings.address_logins)
 
     @property
@@ -125,17 +121,14 @@ class SessionService:
     # -- keys ---------------------------------------------------------------------------------
 
     def keyring(self) -> KeyRing:
-        """The signing keys, re-read now and then so that `keys rotate` reaches running servers."""
-        interval = self._settings.key_reload_interval.total_seconds()
-        if time.monotonic() - self._keys_loaded >= interval:
-            with self._keys_lock:
-                if time.monotonic() - self._keys_loaded >= interval:
-                    self._keyring = load_keyring(self._pool, self._sealer, self.clock())
-                    self._keys_loaded = time.monotonic()
         return self._keyring
 
+    def reload_keys(self) -> None:
+        """Re-read the signing keys: `keys rotate` announces a change (api.changes)."""
+        self._keyring = load_keyring(self._pool, self._sealer, self.clock())
+
     def jwks(self) -> dict[str, list[dict[str, str]]]:
-        retention = self._policy.access_token_ttl + self._settings.key_reload_interval
+        retention = self._policy.access_token_ttl + KEY_CHANGE_MARGIN
         return self.keyring().jwks(self.clock(), retention)
 
     # -- grants -------------------------------------------------------------------------------

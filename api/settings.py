@@ -51,8 +51,6 @@ class Settings:
     run_projections: bool = True
     """Whether the server keeps the catch-up projections current (LEDGER_RUN_PROJECTIONS); turn
     it off when `session-ledger project` runs elsewhere."""
-    key_reload_interval: timedelta = timedelta(seconds=60)
-    """How often a running server re-reads the signing keys, so `keys rotate` reaches it."""
     allowed_origins: tuple[str, ...] = ()
     """Origins whose pages may call the cookie-authenticated browser endpoints
     (LEDGER_ALLOWED_ORIGINS); empty means the issuer's origin only (see `browser_origins`)."""

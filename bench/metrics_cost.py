@@ -55,7 +55,7 @@ class HandWritten:
 def _app(variant: str) -> Any:
     from fastapi import FastAPI, Response
 
-    from api.http import metrics
+    from api.http import edge, metrics
 
     app = FastAPI()
 
@@ -64,9 +64,9 @@ def _app(variant: str) -> Any:
         return Response(b"{}", media_type="application/json")
 
     if variant == "hand-written":
-        metrics.install(app, HandWritten())  # type: ignore[arg-type]  # same labels/observe
+        edge.install(app, HandWritten())  # type: ignore[arg-type]  # same labels/observe
     elif variant != "floor":
-        metrics.install(app, metrics.latency_histogram())
+        edge.install(app, metrics.latency_histogram())
     return app
 
 

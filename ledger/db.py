@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RUNTIME_ROLE = "session_ledger_runtime"
 """The least-privilege role schema.sql creates; the server acts as it (SET ROLE) at run time."""
 LOGIN_ROLE = "session_ledger_app"
@@ -34,9 +34,9 @@ def translated_errors() -> Iterator[None]:
     except LedgerError:
         raise
     except (psycopg.OperationalError, PoolTimeout) as e:
-        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {_first_line(e)}") from e
+        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {first_line(e)}") from e
     except psycopg.Error as e:
-        raise StorageError(f"PostgreSQL refused the statement: {_first_line(e)}") from e
+        raise StorageError(f"PostgreSQL refused the statement: {first_line(e)}") from e
 
 
 def schema_sql() -> str:
@@ -56,7 +56,7 @@ def apply_schema(url: str) -> None:
             conn.execute(schema_sql().encode("utf-8"))
         except psycopg.errors.InsufficientPrivilege as e:
             conn.rollback()
-            denied = _first_line(e)
+            denied = first_line(e)
         try:
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
         except psycopg.errors.UndefinedTable:
@@ -108,6 +108,18 @@ def connect(url: str, *, role: str | None = None) -> psycopg.Connection[tuple[ob
     return conn
 
 
+async def connect_async(url: str, *, role: str | None = None) -> psycopg.AsyncConnection[TupleRow]:
+    """connect() for the event loop."""
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    if role is not None:
+        try:
+            await conn.execute(_set_role_statement(role))
+        except psycopg.Error:
+            await conn.close()
+            raise
+    return conn
+
+
 def check_role(url: str, role: str) -> None:
     """Raise StorageError, saying what to do, unless the URL's user may act as `role`."""
     with translated_errors():
@@ -115,7 +127,7 @@ def check_role(url: str, role: str) -> None:
             connect(url, role=role).close()
         except psycopg.errors.InsufficientPrivilege as e:
             raise StorageError(
-                f"the database user may not act as {role} ({_first_line(e)}); "
+                f"the database user may not act as {role} ({first_line(e)}); "
                 f"as a superuser run: GRANT {role} TO <the service's login role>"
             ) from None
         except psycopg.errors.InvalidParameterValue:
@@ -317,6 +329,6 @@ def _set_role_statement(role: str) -> sql.Composed:
     return sql.SQL("SET ROLE {}").format(sql.Identifier(role))
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from argon2 import PasswordHasher
 from fastapi import FastAPI
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
 from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
-from api.http import audit, errors, metrics, oauth, openapi, sessions
+from api.changes import ChangeFollower, OnChange
+from api.http import audit, edge, errors, metrics, oauth, openapi, sessions
 from api.http.browser import router as browser_router
 from api.keys import Sealer
 from api.sessions import SessionService
@@ -34,6 +36,7 @@ def create_app(
         pool = await run_in_threadpool(lambda: open_pool(database_url, role=RUNTIME_ROLE))
         apool: AsyncLedgerPool | None = None
         runner: Runner | None = None
+        following: asyncio.Task[None] | None = None
         try:
             apool = await open_async_pool(database_url, role=RUNTIME_ROLE)
             accounts = Accounts(pool, hasher)
@@ -43,7 +46,6 @@ def create_app(
             app.state.pool = pool
             app.state.settings = settings
             app.state.accounts = accounts
-            app.state.clients = ClientDirectory(apool)
             app.state.service = await run_in_threadpool(
                 SessionService,
                 pool,
@@ -54,9 +56,16 @@ def create_app(
                 sealer,
             )
             app.state.metrics = metrics.registry(latency, pool, app.state.service.clock)
+            follower = ChangeFollower(database_url, _changes_to(app), role=RUNTIME_ROLE)
+            app.state.clients = ClientDirectory(apool, live=lambda: follower.listening)
+            following = asyncio.create_task(follower.run(), name="ledger-changes")
             runner = _start_runner(database_url, pool) if settings.run_projections else None
             yield
         finally:
+            if following is not None:
+                following.cancel()
+                with suppress(asyncio.CancelledError):
+                    await following
             if runner is not None:
                 await run_in_threadpool(runner.stop)
             if apool is not None:
@@ -66,7 +75,7 @@ def create_app(
     app = FastAPI(title="session-ledger", lifespan=lifespan)
     latency = metrics.latency_histogram()
     errors.install(app)
-    metrics.install(app, latency)
+    edge.install(app, latency)
     app.include_router(oauth.router)
     app.include_router(sessions.router)
     app.include_router(audit.router)
@@ -89,6 +98,18 @@ def app_from_env() -> FastAPI:
     if settings.database_url is None:
         raise RuntimeError("workers need LEDGER_DATABASE_URL; `session-ledger serve` sets it")
     return create_app(settings, settings.database_url)
+
+
+def _changes_to(app: FastAPI) -> OnChange:
+    """What a worker does when clients or signing keys change: forget, or read them again."""
+
+    async def changed(table: str | None) -> None:
+        if table in (None, "clients"):
+            app.state.clients.forget()
+        if table in (None, "signing_keys"):
+            await run_in_threadpool(app.state.service.reload_keys)
+
+    return changed
 
 
 def _start_runner(url: str, pool: ConnectionPool) -> Runner:

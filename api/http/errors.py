@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import (
     InsufficientScope,
@@ -121,10 +120,7 @@ def error_body(error: str, description: str) -> dict[str, str]:
 
 
 def install(app: FastAPI) -> None:
-    """Answer every refusal, request validation error and ledger failure from the table, and
-    refuse oversized request targets and headers and NUL characters in paths and query strings
-    (PostgreSQL text cannot hold them)."""
-    app.add_middleware(_RequestGuard)
+    """Answer every refusal, request validation error and ledger failure from the table."""
     for base in (Refusal, RequestValidationError, LedgerError):
         app.add_exception_handler(base, _handle)
 
@@ -144,41 +140,3 @@ def _retry_after(exc: Exception, answer: Answer) -> int | None:
     if isinstance(exc, TooManyAttempts):
         return max(1, math.ceil(exc.retry_after.total_seconds()))
     return answer.retry_after
-
-
-MAX_TARGET_BYTES = 8 * 1024
-MAX_HEADER_BYTES = 16 * 1024
-MAX_HEADERS = 64
-
-
-class _RequestGuard:
-    """Refuses, before any route sees it, a request whose path and query exceed
-    MAX_TARGET_BYTES (414), whose headers exceed MAX_HEADERS or MAX_HEADER_BYTES in all (431), or
-    whose path or query holds NUL (400). Plain ASGI: other requests pay a few sums and scans."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self._app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = _refusal(scope) if scope["type"] == "http" else None
-        if refusal is None:
-            await self._app(scope, receive, send)
-            return
-        status, description = refusal
-        body = error_body("invalid_request", description)
-        await JSONResponse(body, status_code=status, headers=NO_STORE)(scope, receive, send)
-
-
-def _refusal(scope: Scope) -> tuple[int, str] | None:
-    path, query = scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b"")
-    if len(path) + len(query) > MAX_TARGET_BYTES:
-        return 414, f"the request target exceeds {MAX_TARGET_BYTES} bytes"
-    headers = scope["headers"]
-    if len(headers) > MAX_HEADERS:
-        return 431, f"more than {MAX_HEADERS} request headers"
-    if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
-        return 431, f"the request headers exceed {MAX_HEADER_BYTES} bytes"
-    lowered = query.lower()
-    if "\x00" in scope["path"] or b"%00" in lowered or b"\x00" in lowered:
-        return 400, "NUL characters are not allowed"
-    return None

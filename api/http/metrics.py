@@ -9,18 +9,16 @@ reaches one worker, sums all of them.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.http import openapi
 from ledger.db import translated_errors
@@ -69,40 +67,6 @@ def registry(
         registry.register(latency)
     registry.register(_Ledger(pool, clock))
     return registry
-
-
-def install(app: FastAPI, latency: Histogram) -> None:
-    """Measure every request (by route template, so ids do not make new series)."""
-    app.add_middleware(_Measure, latency=latency)
-
-
-class _Measure:
-    """Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task per request."""
-
-    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
-        self._app = app
-        self._latency = latency
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # if the app fails before it answers
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._app(scope, receive, send_noting_status)
-        finally:
-            # Starlette's router records the route it chose in the scope: its template.
-            route = str(getattr(scope.get("route"), "path", "unmatched"))
-            series = self._latency.labels(route, scope["method"], f"{status // 100}xx")
-            series.observe(time.perf_counter() - started)
 
 
 class _Ledger(Collector):

@@ -140,7 +140,6 @@ def live_factory(
         policy: Policy = TEST_POLICY,
         issuer: str = "https://ledger.test",
         audience: str = "session-ledger",
-        key_reload_interval: timedelta = timedelta(seconds=60),
         run_projections: bool = False,
         address_logins: RateLimit = DEFAULT_RATE_LIMIT,
         hasher: PasswordHasher = CHEAP_HASHER,
@@ -150,7 +149,6 @@ def live_factory(
             issuer=issuer,
             audience=audience,
             policy=policy,
-            key_reload_interval=key_reload_interval,
             run_projections=run_projections,
             address_logins=address_logins,
         )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from api.http.errors import MAX_HEADER_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
+from api.http.edge import MAX_HEADER_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
 from api.http.forms import MAX_BODY_BYTES, MAX_FIELD_CHARS, MAX_FIELDS
 from api.ratelimit import RateLimit
 from tests.api.conftest import PASSWORD, LiveServer
