@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
@@ -196,16 +197,19 @@ class LedgerPool(ConnectionPool):
     FAIL_FAST_SECONDS (the pool keeps reconnecting in the background meanwhile). A timeout while
     the server answers is plain saturation and changes nothing.
 
-    A connection is tested (an empty query) before it is handed out. This pool serves what is not
-    the hot path, so the round trip is cheap beside the work; in return a worker whose idle
-    connections a database restart cut answers its next request instead of failing it. A
-    connection found cut is returned as broken (see putconn), and another one taken.
+    A connection with input waiting while idle is tested (an empty query) before it is handed
+    out: a server that ends a connection (a restart, pg_terminate_backend) sends its reason and
+    closes the socket, so a worker whose idle connections a restart cut answers its next request
+    instead of failing it, and a healthy connection costs no round trip. A connection found cut
+    is returned as broken (see putconn), and another one taken.
     """
 
     _unreachable = False
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[tuple[object, ...]]:
         conn = self._getconn_fast(timeout)
+        if not _input_waiting(conn):
+            return conn
         try:
             self.check_connection(conn)
         except psycopg.Error:
@@ -250,6 +254,16 @@ class LedgerPool(ConnectionPool):
             psycopg.connect(url, connect_timeout=2).close()
             return True
         return False
+
+
+def _input_waiting(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection has something to read: the server's goodbye, an end of file,
+    or a notification; a healthy idle connection has nothing."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 async def open_async_pool(

@@ -88,14 +88,45 @@ def test_connections_cut_while_idle_are_replaced_before_a_caller_gets_one(
     with open_pool(db_url, min_size=2, max_size=2, timeout=30) as pool:
         with pool.connection(), pool.connection():
             pass  # both connections open, now idle in the pool
-        name = conninfo_to_dict(db_url)["dbname"]
+        name = str(conninfo_to_dict(db_url)["dbname"])
         with psycopg.connect(pg_server_url, autocommit=True) as conn:  # as a restart would
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
                 (name,),
             )
+            wait_until(
+                lambda: _backends(conn, name) == 0, timeout=30, what="the cut backends to exit"
+            )
         _select_one(pool)  # answered, not failed on a dead connection
         _select_one(pool)
+
+
+def test_a_healthy_idle_connection_is_handed_out_without_a_test_query(
+    db_url: str, pg_server_url: str
+) -> None:
+    with (
+        open_pool(db_url, min_size=1, max_size=1, timeout=30) as pool,
+        psycopg.connect(pg_server_url, autocommit=True) as watcher,
+    ):
+        with pool.connection() as conn:
+            backend = conn.info.backend_pid
+            conn.execute("SELECT 'the last statement'")
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == backend
+            # What the server last ran on it: the caller's statement, no test query since.
+            row = watcher.execute(
+                "SELECT query FROM pg_stat_activity WHERE pid = %s", (backend,)
+            ).fetchone()
+            assert row == ("SELECT 'the last statement'",)
+
+
+def _backends(conn: psycopg.Connection[Any], name: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_a_busy_pool_times_out_without_taking_the_server_for_down(db_url: str) -> None:
