@@ -115,7 +115,7 @@ async def connect_async(url: str, *, role: str | None = None) -> psycopg.AsyncCo
     if role is not None:
         try:
             await conn.execute(_set_role_statement(role))
-        except psycopg.Error:
+        except BaseException:  # a failure, or a cancelled task (a server shutting down)
             await conn.close()
             raise
     return conn

@@ -3,6 +3,9 @@ connections but not while it is merely busy."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -18,6 +21,7 @@ from ledger.db import (
     RUNTIME_ROLE,
     LedgerPool,
     connect,
+    connect_async,
     open_pool,
     translated_errors,
 )
@@ -32,6 +36,27 @@ def test_connect_acts_as_the_role_it_is_given(db_url: str) -> None:
         assert conn.execute("SELECT current_user").fetchone() == (RUNTIME_ROLE,)
     with connect(db_url) as conn:
         assert conn.execute("SELECT current_user").fetchone() != (RUNTIME_ROLE,)
+
+
+def test_an_async_connect_cancelled_midway_leaves_no_connection_open(db_url: str) -> None:
+    # A server shutting down cancels the tasks that are connecting; each attempt below is cut at
+    # another point (before, during or after the SET ROLE round trip).
+    async def attempts() -> None:
+        for n in range(60):
+            task = asyncio.create_task(connect_async(db_url, role=RUNTIME_ROLE))
+            await asyncio.sleep(n * 0.0002)
+            task.cancel()
+            try:
+                conn = await task
+            except asyncio.CancelledError:
+                continue
+            await conn.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(attempts())
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def _allow_connections(server_url: str, db_url: str, allowed: bool) -> None:
