@@ -9,7 +9,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
-INSERT INTO schema_version (version) VALUES (4) ON CONFLICT DO NOTHING;
+-- 5: client_lockouts; keyed client-secret hashes.
+INSERT INTO schema_version (version) VALUES (5) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -54,7 +55,8 @@ CREATE OR REPLACE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_reject_change();
 
--- Accounts. Passwords and client secrets are stored only as argon2id hashes.
+-- Accounts. Passwords are stored only as argon2id hashes; client secrets as HMAC-SHA-256 under
+-- the server secret client_secret_key (older ones as argon2id until their next use).
 CREATE TABLE IF NOT EXISTS users (
     name          text PRIMARY KEY CHECK (name <> ''),
     password_hash text        NOT NULL,
@@ -110,6 +112,15 @@ CREATE INDEX IF NOT EXISTS sessions_user_idx ON sessions (user_name, started_at)
 
 -- Inline projection of principal streams (failed logins and lockouts).
 CREATE TABLE IF NOT EXISTS principals (
+    name            text PRIMARY KEY,
+    version         integer       NOT NULL,
+    recent_failures timestamptz[] NOT NULL,
+    locked_until    timestamptz
+);
+
+-- Inline projection of client streams (failed client authentications and lockouts); `name` is
+-- the client id, and the columns are those of principals, folded by the same rule.
+CREATE TABLE IF NOT EXISTS client_lockouts (
     name            text PRIMARY KEY,
     version         integer       NOT NULL,
     recent_failures timestamptz[] NOT NULL,
@@ -245,7 +256,10 @@ BEGIN
         -- The service creates its first key and refresh secret, and retires keys on rotation.
         GRANT SELECT, INSERT ON signing_keys, server_secrets TO session_ledger_runtime;
         GRANT UPDATE (retired_at) ON signing_keys TO session_ledger_runtime;
-        GRANT SELECT, INSERT, UPDATE ON sessions, principals TO session_ledger_runtime;
+        GRANT SELECT, INSERT, UPDATE ON sessions, principals, client_lockouts
+            TO session_ledger_runtime;
+        -- A client secret hashed with argon2 is replaced by its keyed hash on first use.
+        GRANT UPDATE (secret_hash) ON clients TO session_ledger_runtime;
         GRANT SELECT, INSERT, UPDATE, DELETE ON projection_checkpoints, user_summary,
             hourly_stats, alerts, address_failures TO session_ledger_runtime;
         GRANT SELECT ON hourly_report TO session_ledger_runtime;

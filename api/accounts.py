@@ -1,10 +1,22 @@
-"""Users and clients: argon2id-hashed passwords and secrets, registered grants and scopes."""
+"""Users and clients: argon2id-hashed passwords, keyed hashes of client secrets, registered grants
+and scopes.
+
+A client secret is high-entropy (server-generated, or at least MIN_SECRET_BITS when supplied), so
+its verifier can be fast: HMAC-SHA-256 under the server secret `client_secret_key`, compared in
+constant time. A slow hash would only hand whoever sends wrong secrets a way to exhaust the
+server's memory and cores. Secrets stored before this as argon2id hashes are verified that way
+once more, and replaced by their keyed hash on that first successful use.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
+import math
 import re
 import secrets
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +34,18 @@ GRANTS = ("password", "refresh_token")
 PRODUCTION_HASHER = PasswordHasher()
 """argon2id with argon2-cffi's defaults (RFC 9106's second recommended option)."""
 
+MIN_SECRET_BITS = 128
+"""The least strength `clients add --secret-stdin` accepts (see secret_bits)."""
+
+SECRET_HASH_PREFIX = "hmac-sha256$"  # noqa: S105 (a format tag, not a secret)
+_LEGACY_PREFIX = "$argon2"
+_STAND_IN_SECRET_HASH = SECRET_HASH_PREFIX + "0" * 64
+_CHARACTER_CLASSES = (
+    string.ascii_lowercase,
+    string.ascii_uppercase,
+    string.digits,
+    string.punctuation + " ",
+)
 _NAME = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 _MAX_SCOPE_CHARS = 64
 
@@ -47,13 +71,27 @@ class Client:
     def is_confidential(self) -> bool:
         return self.secret_hash is not None
 
+    @property
+    def has_legacy_secret(self) -> bool:
+        """The secret is stored as an argon2id hash, from before keyed hashes."""
+        return self.secret_hash is not None and self.secret_hash.startswith(_LEGACY_PREFIX)
+
 
 class Accounts:
     """Reads and verifies users and clients; the CLI creates them."""
 
-    def __init__(self, pool: ConnectionPool, hasher: PasswordHasher = PRODUCTION_HASHER) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        hasher: PasswordHasher = PRODUCTION_HASHER,
+        *,
+        secret_key: bytes | None = None,
+    ) -> None:
+        """`secret_key` (the server secret CLIENT_SECRET_KEY_NAME) is needed to create and
+        verify client secrets, and only for that."""
         self._pool = pool
         self._hasher = hasher
+        self._secret_key = secret_key
 
     def add_user(self, name: str, password: str, scopes: tuple[str, ...] = ()) -> User:
         _check_name(name, "user name")
@@ -76,9 +114,12 @@ class Accounts:
         unknown = [g for g in grants if g not in GRANTS]
         if unknown or not grants:
             raise AccountError(f"grants must be some of {', '.join(GRANTS)}; got {grants}")
-        if secret is not None and len(secret) < 16:
-            raise AccountError("a client secret needs at least 16 characters")
-        secret_hash = None if secret is None else self._hasher.hash(secret)
+        if secret is not None and (bits := secret_bits(secret)) < MIN_SECRET_BITS:
+            raise AccountError(
+                f"the client secret has about {bits:.0f} bits; at least {MIN_SECRET_BITS} are"
+                " needed (a confidential client without a supplied secret gets a generated one)"
+            )
+        secret_hash = None if secret is None else self.secret_hash(secret)
         client = Client(client_id, secret_hash, tuple(dict.fromkeys(grants)))
         self._insert(
             "INSERT INTO clients (client_id, secret_hash, grants) VALUES (%s, %s, %s)"
@@ -112,8 +153,34 @@ class Accounts:
             user is not None
         )
 
-    def check_secret(self, client: Client, secret: str) -> bool:
-        return client.secret_hash is not None and self._verify(client.secret_hash, secret)
+    def secret_hash(self, secret: str) -> str:
+        """The stored form of a client secret: its HMAC-SHA-256 under the server's key."""
+        if self._secret_key is None:
+            raise ValueError("client secrets need the server's client_secret_key")
+        digest = hmac.new(self._secret_key, secret.encode(), hashlib.sha256).hexdigest()
+        return SECRET_HASH_PREFIX + digest
+
+    def check_secret(self, client: Client | None, secret: str) -> bool:
+        """True when `secret` is the confidential client's. The same work for an unknown or a
+        public client, so that the time to answer tells nothing. Not for legacy hashes."""
+        stored = client.secret_hash if client is not None else None
+        presented = self.secret_hash(secret)
+        matches = hmac.compare_digest(presented, stored or _STAND_IN_SECRET_HASH)
+        return matches and stored is not None
+
+    def check_legacy_secret(self, client: Client, secret: str) -> bool:
+        """check_secret for a secret stored as an argon2id hash; on success the stored hash is
+        replaced by the keyed one (by a statement that changes nothing if another request or
+        the CLI replaced it first)."""
+        stored = client.secret_hash
+        if stored is None or not self._verify(stored, secret):
+            return False
+        with translated_errors(), self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE clients SET secret_hash = %s WHERE client_id = %s AND secret_hash = %s",
+                (self.secret_hash(secret), client.client_id, stored),
+            )
+        return True
 
     def _verify(self, hash_: str, secret: str) -> bool:
         try:
@@ -168,6 +235,19 @@ class ClientDirectory:
 
 def _client(row: tuple[Any, ...]) -> Client:
     return Client(row[0], row[1], tuple(row[2]))
+
+
+def secret_bits(secret: str) -> float:
+    """An upper estimate of a secret's strength in bits: its length times log2 of the alphabet
+    its character classes span (lower case, upper case, digits, other ASCII; anything else counts
+    as 128 more), and 0 when one character makes up more than a quarter of it. A generated
+    secret (32 random bytes, base64url) scores over 250."""
+    if not secret or max(secret.count(c) for c in set(secret)) * 4 > len(secret):
+        return 0.0
+    alphabet = sum(len(chars) for chars in _CHARACTER_CLASSES if any(c in chars for c in secret))
+    if any(not c.isascii() for c in secret):
+        alphabet += 128
+    return len(secret) * math.log2(alphabet)
 
 
 def _check_name(name: str, what: str) -> None:

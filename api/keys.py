@@ -22,6 +22,8 @@ from ledger.db import translated_errors
 
 ALGORITHM = "EdDSA"
 REFRESH_KEY_NAME = "refresh_token_key"
+CLIENT_SECRET_KEY_NAME = "client_secret_key"  # noqa: S105 (a row name)
+"""The server secret client secrets are hashed under (HMAC-SHA-256)."""
 SEALING_VARIABLE = "LEDGER_KEY_ENCRYPTION_KEY"
 
 KEY_CHANGE_MARGIN = timedelta(seconds=60)
@@ -187,18 +189,21 @@ def rotate_keys(pool: ConnectionPool, sealer: Sealer, now: datetime) -> SigningK
     return key
 
 
-def load_refresh_secret(pool: ConnectionPool, sealer: Sealer, now: datetime) -> bytes:
+def load_server_secret(
+    pool: ConnectionPool, sealer: Sealer, now: datetime, name: str = REFRESH_KEY_NAME
+) -> bytes:
+    """The server secret `name` (32 random bytes), created on first need."""
     require_aware(now, "now")
     with translated_errors(), pool.connection() as conn, conn.transaction():
-        row = conn.execute(_SELECT_SERVER_KEY, (REFRESH_KEY_NAME,)).fetchone()
+        row = conn.execute(_SELECT_SERVER_KEY, (name,)).fetchone()
         if row is None:
             conn.execute(_LOCK, (_LOCK_ID,))
-            row = conn.execute(_SELECT_SERVER_KEY, (REFRESH_KEY_NAME,)).fetchone()
+            row = conn.execute(_SELECT_SERVER_KEY, (name,)).fetchone()
         if row is None:
-            row = _insert_secret(conn, sealer, now)
+            row = _insert_secret(conn, sealer, name, now)
     secret = sealer.unseal(bytes(row[0]), bool(row[1]))
     if len(secret) != _SECRET_BYTES:
-        raise KeyStoreError(f"server secret {REFRESH_KEY_NAME!r} has the wrong length")
+        raise KeyStoreError(f"server secret {name!r} has the wrong length")
     return secret
 
 
@@ -217,9 +222,11 @@ def _insert_key(conn: Connection, sealer: Sealer, key: SigningKey) -> None:
     conn.execute(_INSERT_KEY, (key.kid, key.algorithm, stored, sealed, key.created_at))
 
 
-def _insert_secret(conn: Connection, sealer: Sealer, now: datetime) -> tuple[bytes, bool]:
+def _insert_secret(
+    conn: Connection, sealer: Sealer, name: str, now: datetime
+) -> tuple[bytes, bool]:
     stored, sealed = sealer.seal(secrets.token_bytes(_SECRET_BYTES))
-    conn.execute(_INSERT_SERVER_KEY, (REFRESH_KEY_NAME, stored, sealed, now))
+    conn.execute(_INSERT_SERVER_KEY, (name, stored, sealed, now))
     return stored, sealed
 
 

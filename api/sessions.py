@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.accounts import Accounts, Client
 from api.errors import InvalidGrant, InvalidScope, InvalidToken
-from api.keys import KEY_CHANGE_MARGIN, KeyRing, Sealer, load_keyring, load_refresh_secret
+from api.keys import KEY_CHANGE_MARGIN, KeyRing, Sealer, load_keyring, load_server_secret
 from api.settings import Settings
 from api.throttle import AddressThrottle
 from api.tokens import (
@@ -31,7 +31,7 @@ from api.tokens import (
     verify_access_token,
 )
 from ledger.db import translated_errors
-from ledger.events import BrowserRequestRefused, Event
+from ledger.events import BrowserRequestRefused
 from ledger.store import EventStore, PipelinedTransaction, Stream, pipelined
 from projections import principal, session
 from projections.session import Decision, Outcome, SessionState
@@ -44,7 +44,7 @@ from projections.sql.inline import (
     save_session_async,
     valid_user_sessions,
 )
-from projections.streams import principal_stream, refusal_stream, session_stream
+from projections.streams import client_stream, principal_stream, refusal_stream, session_stream
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -110,7 +110,7 @@ class SessionService:
         self._policy = settings.policy
         self.clock = clock
         self._sealer = sealer
-        self._refresh_secret = load_refresh_secret(pool, sealer, clock())
+        self._refresh_secret = load_server_secret(pool, sealer, clock())
         self._keyring = load_keyring(pool, sealer, clock())
         self._throttle = AddressThrottle(pool, settings.address_logins)
 
@@ -150,7 +150,8 @@ class SessionService:
             elif not self._accounts.check_password(user, password):
                 refusal = "unknown_user" if user is None else "wrong_password", BAD_LOGIN
             if refusal is not None:
-                self._record_failure(conn, state, refusal[0], info, now)
+                failure = Failure(refusal[0], info, now)
+                record_failure(self._store, conn, state, failure, self._settings.lockout)
         if refusal is not None or user is None:  # the failure is committed before refusing
             raise InvalidGrant(refusal[1] if refusal else BAD_LOGIN)
         granted = _granted_scope(user.scopes, scope)
@@ -387,28 +388,6 @@ class SessionService:
         await save_session_async(tx.conn, state)
         return state
 
-    def _record_failure(
-        self,
-        conn: Connection,
-        state: principal.PrincipalState,
-        reason: str,
-        info: RequestInfo,
-        now: datetime,
-    ) -> None:
-        events: tuple[Event, ...] = principal.decide_failure(
-            state,
-            reason,
-            ip=info.ip,
-            user_agent=info.user_agent,
-            now=now,
-            policy=self._settings.lockout,
-        )
-        stream = principal_stream(state.name)
-        self._store.append(stream, state.version, events, info.metadata(), conn=conn)
-        for event in events:
-            state = principal.evolve(state, event)
-        save_principal(conn, state)
-
     def _grant(self, state: SessionState, token: str, now: datetime) -> TokenGrant:
         ttl_end = now + self._policy.access_token_ttl
         expires_at = min(ttl_end, session.absolute_end_of(state, self._policy))
@@ -436,6 +415,44 @@ class SessionService:
     def _connection(self) -> Iterator[Connection]:
         with translated_errors(), self._pool.connection() as conn:
             yield conn
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed login or client authentication: why, who asked, and when."""
+
+    reason: str
+    info: RequestInfo
+    at: datetime
+
+
+def record_failure(
+    store: EventStore,
+    conn: Connection,
+    state: principal.PrincipalState,
+    failure: Failure,
+    policy: principal.LockoutPolicy,
+    *,
+    client: bool = False,
+) -> None:
+    """Append a failed login (or with `client`, a failed client authentication) and the lock it
+    may bring, and save the principal's row, in the caller's transaction, which holds the row's
+    lock (load_principal with for_update)."""
+    info = failure.info
+    events = principal.decide_failure(
+        state,
+        failure.reason,
+        ip=info.ip,
+        user_agent=info.user_agent,
+        now=failure.at,
+        policy=policy,
+        client=client,
+    )
+    stream = client_stream(state.name) if client else principal_stream(state.name)
+    store.append(stream, state.version, events, info.metadata(), conn=conn)
+    for event in events:
+        state = principal.evolve(state, event)
+    save_principal(conn, state, table="client_lockouts" if client else "principals")
 
 
 def _stream(session_id: str) -> Stream:

@@ -13,6 +13,9 @@ from projections.session import Policy, parse_duration
 
 DEFAULT_DATA_DIR = Path(".session-ledger/pgdata")
 MAX_ADDRESS_LOGIN_LIMIT = 1_000_000
+CLIENT_LOCKOUT = LockoutPolicy(max_failures=20, window=timedelta(minutes=15))
+"""A client's secret is generated, so a burst of wrong ones is an attack or a misconfiguration,
+never a typo; the bound is higher than a user's because a locked backend fails all its users."""
 _ORIGIN = re.compile(
     r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?"
     r"(?P<path>/[^\s?#]*)?",
@@ -42,9 +45,12 @@ class Settings:
     LEDGER_REFRESH_GRACE, LEDGER_ACTIVITY_DEBOUNCE, LEDGER_REFRESH_COUNTS_AS_ACTIVITY)."""
     lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     """Failed-login lockout (LEDGER_LOGIN_MAX_FAILURES, LEDGER_LOGIN_FAILURE_WINDOW)."""
+    client_lockout: LockoutPolicy = field(default_factory=lambda: CLIENT_LOCKOUT)
+    """Failed client-authentication lockout (LEDGER_CLIENT_MAX_FAILURES,
+    LEDGER_CLIENT_FAILURE_WINDOW)."""
     address_logins: RateLimit = field(default_factory=RateLimit)
-    """Login attempts per client address (LEDGER_ADDRESS_LOGIN_LIMIT at once, refilling at that
-    many per LEDGER_ADDRESS_LOGIN_WINDOW)."""
+    """Login attempts and failed client authentications per client address
+    (LEDGER_ADDRESS_LOGIN_LIMIT at once, refilling at that many per LEDGER_ADDRESS_LOGIN_WINDOW)."""
     key_encryption_key: str | None = field(default=None, repr=False)
     """Passphrase sealing private keys at rest (LEDGER_KEY_ENCRYPTION_KEY); None stores them
     unsealed."""
@@ -95,6 +101,15 @@ class Settings:
                     env, "LEDGER_LOGIN_MAX_FAILURES", lockout.max_failures, MAX_TRACKED_FAILURES
                 ),
                 window=_duration(env, "LEDGER_LOGIN_FAILURE_WINDOW", lockout.window),
+            ),
+            client_lockout=LockoutPolicy(
+                max_failures=_count(
+                    env,
+                    "LEDGER_CLIENT_MAX_FAILURES",
+                    CLIENT_LOCKOUT.max_failures,
+                    MAX_TRACKED_FAILURES,
+                ),
+                window=_duration(env, "LEDGER_CLIENT_FAILURE_WINDOW", CLIENT_LOCKOUT.window),
             ),
             address_logins=RateLimit(
                 limit=_count(

@@ -22,11 +22,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, NamedTuple
 from urllib.parse import urlencode
 
 from api.accounts import GRANTS, Accounts
+from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from bench.append import Figure, load_average, scratch_run, target
 from bench.refresh import (
     CHEAP_HASHER,
@@ -54,7 +56,8 @@ SLICE = 0.2  # the first and the last fifth of the measured part of the steady p
 REQUEST_TIMEOUT = 30.0  # from when a request was due: generous, for shared and busy machines
 MAX_GROWTH = 0.10  # of any worker's resident memory, from the start to the end
 MIN_ACHIEVED = 0.7  # of the target rate: evidence that the load was applied, not a latency bound
-RESOURCE_SERVER, RESOURCE_SECRET = "soak-resource-server", "soak-resource-server-secret"
+RESOURCE_SERVER = "soak-resource-server"
+RESOURCE_SECRET = "soak-Xq7-vT2_pL9wZr4KmN8sB3yH6jD1cF5g"
 TYPO_USER = "soak-typo"  # only ever sent a wrong password: refused, then locked out
 # Every login comes from 127.0.0.1: the per-address limit must not refuse the load.
 SOAK_ENV = {**SERVER_ENV, "LEDGER_ADDRESS_LOGIN_LIMIT": "100000"}
@@ -370,7 +373,8 @@ def create_soak_accounts(url: str) -> list[str]:
     create_accounts(url)
     users = [f"soak-{n}" for n in range(SESSIONS)]
     with open_pool(url, max_size=1) as pool:
-        accounts = Accounts(pool, CHEAP_HASHER)
+        key = load_server_secret(pool, Sealer(None), datetime.now(UTC), CLIENT_SECRET_KEY_NAME)
+        accounts = Accounts(pool, CHEAP_HASHER, secret_key=key)
         accounts.add_client(RESOURCE_SERVER, RESOURCE_SECRET, GRANTS)
         for user in (TYPO_USER, *users):
             accounts.add_user(user, PASSWORD, ("profile",))

@@ -225,6 +225,27 @@ class PrincipalLocked(Event):
     failures: int
 
 
+# A client stream (stream_type "client") holds one client id's failed authentications and locks.
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientAuthenticationFailed(Event):
+    """A request authenticating as the client failed: `reason` is `wrong_secret`,
+    `unknown_client`, `not_confidential` (a secret sent for a public client) or `locked`."""
+
+    reason: str
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientLocked(Event):
+    """Too many failed authentications: the client may not authenticate until `until`."""
+
+    until: datetime
+    failures: int
+
+
 # A browser-refusal stream (stream_type "browser-refusal") holds one refused cross-site request.
 
 

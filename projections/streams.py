@@ -1,8 +1,8 @@
 """The streams sessions live in: their types, how their ids are made and read back.
 
 A stream id is `<type>:<key>` (`session:<session id>`, `principal:<user name>`,
-`browser-refusal:<request id>`). Stored ids keep this form for good: changing it would orphan
-every stream already written.
+`client:<client id>`, `browser-refusal:<request id>`). Stored ids keep this form for good:
+changing it would orphan every stream already written.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ SESSION = "session"
 """The stream type of a session's events (one stream per session)."""
 PRINCIPAL = "principal"
 """The stream type of a user name's failed logins and locks (one stream per name)."""
+CLIENT = "client"
+"""The stream type of a client id's failed authentications and locks (one stream per id)."""
 BROWSER_REFUSAL = "browser-refusal"
 """The stream type of a refused cross-site browser request (one stream per request)."""
 
@@ -25,6 +27,11 @@ def session_stream(session_id: str) -> Stream:
 def principal_stream(name: str) -> Stream:
     """The stream of the user name `name`'s failed logins and locks."""
     return Stream(_stream_id(PRINCIPAL, name), PRINCIPAL)
+
+
+def client_stream(client_id: str) -> Stream:
+    """The stream of the client id `client_id`'s failed authentications and locks."""
+    return Stream(_stream_id(CLIENT, client_id), CLIENT)
 
 
 def refusal_stream(request_id: str) -> Stream:
@@ -44,12 +51,17 @@ def principal_stream_id(name: str) -> str:
 
 def session_id_of(stream_id: str) -> str:
     """The session id a session stream's id names; ValueError for any other stream."""
-    return _key_of(SESSION, stream_id)
+    return key_of(SESSION, stream_id)
 
 
 def principal_name_of(stream_id: str) -> str:
     """The user name a principal stream's id names; ValueError for any other stream."""
-    return _key_of(PRINCIPAL, stream_id)
+    return key_of(PRINCIPAL, stream_id)
+
+
+def client_id_of(stream_id: str) -> str:
+    """The client id a client stream's id names; ValueError for any other stream."""
+    return key_of(CLIENT, stream_id)
 
 
 def is_session(recorded: RecordedEvent) -> bool:
@@ -66,7 +78,8 @@ def _stream_id(stream_type: str, key: str) -> str:
     return f"{stream_type}:{key}"
 
 
-def _key_of(stream_type: str, stream_id: str) -> str:
+def key_of(stream_type: str, stream_id: str) -> str:
+    """The key a stream of `stream_type` is named by; ValueError for a stream of another type."""
     prefix = f"{stream_type}:"
     if not stream_id.startswith(prefix):
         raise ValueError(f"{stream_id!r} is not a {stream_type} stream id")

@@ -6,12 +6,14 @@ import secrets
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 
 from api.accounts import GRANTS, AccountError, Accounts
 from api.cli.support import failures_exit_2, prepare_database
+from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.settings import Settings
 from ledger.db import open_pool
 
@@ -43,7 +45,12 @@ def clients_add(
         bool, typer.Option("--confidential", help="The client authenticates with a secret.")
     ] = False,
     secret_stdin: Annotated[
-        bool, typer.Option("--secret-stdin", help="Read the secret from standard input.")
+        bool,
+        typer.Option(
+            "--secret-stdin",
+            help="Read the secret from standard input; it needs at least 128 bits"
+            " (openssl rand -base64 32 makes one).",
+        ),
     ] = False,
     grant: Annotated[
         list[str] | None,
@@ -59,7 +66,7 @@ def clients_add(
         secret = _read_secret("secret", from_stdin=True)
     elif generated:
         secret = secrets.token_urlsafe(32)
-    with failures_exit_2(), _accounts() as accounts:
+    with failures_exit_2(), _accounts(secret_key=confidential) as accounts:
         accounts.add_client(client_id, secret, tuple(grant or GRANTS))
     kind = "confidential" if confidential else "public"
     typer.echo(f"{kind} client {client_id} created")
@@ -68,11 +75,17 @@ def clients_add(
 
 
 @contextmanager
-def _accounts() -> Iterator[Accounts]:
-    url = prepare_database(Settings.from_env())
+def _accounts(*, secret_key: bool = False) -> Iterator[Accounts]:
+    """Accounts on the configured database; with `secret_key`, able to hash client secrets."""
+    settings = Settings.from_env()
+    url = prepare_database(settings)
     with open_pool(url, max_size=1) as pool:
+        key = None
+        if secret_key:
+            sealer = Sealer(settings.key_encryption_key)
+            key = load_server_secret(pool, sealer, datetime.now(UTC), CLIENT_SECRET_KEY_NAME)
         try:
-            yield Accounts(pool)
+            yield Accounts(pool, secret_key=key)
         except AccountError as e:
             typer.echo(f"session-ledger: {e}", err=True)
             raise typer.Exit(1) from None

@@ -22,4 +22,4 @@ def keys_rotate() -> None:
         url = prepare_database(settings)
         with open_pool(url, max_size=1) as pool:
             key = rotate_keys(pool, Sealer(settings.key_encryption_key), datetime.now(UTC))
-    typer.echo(f"new signing key {key.kid}; servers pick it up within a minute")
+    typer.echo(f"new signing key {key.kid}; running servers sign with it at once")

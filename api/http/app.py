@@ -13,9 +13,10 @@ from psycopg_pool import ConnectionPool
 
 from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
 from api.changes import ChangeFollower, OnChange
+from api.clients import ClientAuthentication
 from api.http import audit, edge, errors, metrics, oauth, openapi, sessions
 from api.http.browser import router as browser_router
-from api.keys import Sealer
+from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.sessions import SessionService
 from api.settings import Settings
 from ledger.clock import Clock, SystemClock
@@ -39,25 +40,37 @@ def create_app(
         following: asyncio.Task[None] | None = None
         try:
             apool = await open_async_pool(database_url, role=RUNTIME_ROLE)
-            accounts = Accounts(pool, hasher)
+            sealer = Sealer(settings.key_encryption_key)
+            now = (clock or SystemClock()).now
+            secret_key = await run_in_threadpool(
+                load_server_secret, pool, sealer, now(), CLIENT_SECRET_KEY_NAME
+            )
+            accounts = Accounts(pool, hasher, secret_key=secret_key)
             # The first unknown-user login must not be the one that pays for the stand-in hash.
             await run_in_threadpool(accounts.check_password, None, "")
-            sealer = Sealer(settings.key_encryption_key)
             app.state.pool = pool
             app.state.settings = settings
-            app.state.accounts = accounts
             app.state.service = await run_in_threadpool(
                 SessionService,
                 pool,
                 apool,
                 accounts,
                 settings,
-                (clock or SystemClock()).now,
+                now,
                 sealer,
             )
             app.state.metrics = metrics.registry(latency, pool, app.state.service.clock)
             follower = ChangeFollower(database_url, _changes_to(app), role=RUNTIME_ROLE)
             app.state.clients = ClientDirectory(apool, live=lambda: follower.listening)
+            app.state.client_authentication = ClientAuthentication(
+                pool,
+                apool,
+                app.state.clients,
+                accounts,
+                lockout=settings.client_lockout,
+                per_address=settings.address_logins,
+                clock=now,
+            )
             following = asyncio.create_task(follower.run(), name="ledger-changes")
             runner = _start_runner(database_url, pool) if settings.run_projections else None
             yield

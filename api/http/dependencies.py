@@ -1,4 +1,4 @@
-"""What every route depends on: the service, the accounts, who is asking, and the bearer."""
+"""What every route depends on: the service, who is asking, and the bearer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.accounts import Accounts
 from api.http.errors import BearerRequired
 from api.sessions import RequestInfo, SessionService
 from api.tokens import AccessClaims
@@ -20,11 +19,6 @@ from projections.session import SessionState
 async def service_of(request: Request) -> SessionService:
     service: SessionService = request.app.state.service
     return service
-
-
-def accounts_of(request: Request) -> Accounts:
-    accounts: Accounts = request.app.state.accounts
-    return accounts
 
 
 async def request_info(request: Request) -> RequestInfo:

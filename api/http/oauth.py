@@ -9,13 +9,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import GRANTS, Client, ClientDirectory
+from api.accounts import GRANTS, Client
+from api.clients import ClientAuthentication
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
-from api.http.dependencies import Info, Service, accounts_of
+from api.http.dependencies import Info, Service
 from api.http.errors import NO_STORE
 from api.http.forms import client_credentials, read_form, required
-from api.sessions import TokenGrant
+from api.sessions import RequestInfo, TokenGrant
 
 router = APIRouter()
 
@@ -26,7 +27,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     grant_type = required(form, "grant_type")
     if grant_type not in GRANTS:
         raise UnsupportedGrantType(f"grant_type {grant_type[:40]!r} is not supported")
-    client = await _authenticate_client(request, form)
+    client = await _authenticate_client(request, form, info)
     if grant_type not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant_type} grant")
     if grant_type == "password":
@@ -50,7 +51,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
 )
 async def revoke(request: Request, service: Service, info: Info) -> Response:
     form = await read_form(request)
-    client = await _authenticate_client(request, form)
+    client = await _authenticate_client(request, form, info)
     token_value = required(form, "token")  # token_type_hint needs no reading: both are tried
     await run_in_threadpool(service.revoke, token_value, client, info)
     return Response(status_code=200, headers=NO_STORE)
@@ -59,9 +60,9 @@ async def revoke(request: Request, service: Service, info: Info) -> Response:
 @router.post(
     "/oauth/introspect", openapi_extra=oas.INTROSPECT_REQUEST, responses=oas.INTROSPECT_RESPONSES
 )
-async def introspect(request: Request, service: Service) -> JSONResponse:
+async def introspect(request: Request, service: Service, info: Info) -> JSONResponse:
     form = await read_form(request)
-    client = await _authenticate_client(request, form)
+    client = await _authenticate_client(request, form, info)
     if not client.is_confidential:
         raise InvalidClient("introspection needs a confidential client")
     token_value = required(form, "token")
@@ -105,22 +106,12 @@ async def jwks(service: Service) -> JSONResponse:
     return JSONResponse(keys, headers={"Cache-Control": "public, max-age=60"})
 
 
-async def _authenticate_client(request: Request, form: dict[str, str]) -> Client:
+async def _authenticate_client(request: Request, form: dict[str, str], info: RequestInfo) -> Client:
     credentials = client_credentials(request, form)
     if credentials is None:
         raise InvalidClient("client authentication is required")
-    registered = accounts_of(request)
-    clients: ClientDirectory = request.app.state.clients
-    client = await clients.client(credentials.client_id)
-    if client is None:
-        raise InvalidClient("unknown client or bad credentials")
-    if client.is_confidential:
-        secret = credentials.secret
-        if secret is None or not await run_in_threadpool(registered.check_secret, client, secret):
-            raise InvalidClient("unknown client or bad credentials")
-    elif credentials.secret is not None:
-        raise InvalidClient("unknown client or bad credentials")
-    return client
+    authentication: ClientAuthentication = request.app.state.client_authentication
+    return await authentication.authenticate(credentials.client_id, credentials.secret, info)
 
 
 def _token_body(grant: TokenGrant) -> dict[str, Any]:

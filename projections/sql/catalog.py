@@ -19,6 +19,7 @@ from ledger.records import RecordedEvent
 from ledger.store import EventStore
 from projections.sql import summaries
 from projections.sql.inline import SessionsRebuild, apply_principals, apply_sessions
+from projections.streams import CLIENT
 
 Connection = psycopg.Connection[TupleRow]
 Apply = Callable[[EventStore, Connection, Sequence[RecordedEvent], Mapping[str, str]], None]
@@ -65,6 +66,15 @@ PROJECTIONS: dict[str, Projection] = {
             ),
             True,
             "failed logins and locks per user name (inline)",
+        ),
+        Projection(
+            "client_lockouts",
+            {"client_lockouts": ("name",)},
+            lambda _, conn, events, tables: apply_principals(
+                conn, events, table=tables["client_lockouts"], stream_type=CLIENT
+            ),
+            True,
+            "failed authentications and locks per client id (inline)",
         ),
         Projection(
             "user_summary",

@@ -1,4 +1,5 @@
-"""The inline projections: session and principal rows, written with the events they reflect.
+"""The inline projections: session, principal and client-lockout rows, written with the events
+they reflect.
 
 Callers load a row `FOR UPDATE` inside their transaction, decide, append the events with
 `EventStore.append(conn=...)` (or `PipelinedTransaction.append` on the event loop) and save the
@@ -24,7 +25,7 @@ from ledger.serialization import JsonValue, format_timestamp, parse_timestamp
 from projections import principal, session
 from projections.principal import PrincipalState
 from projections.session import Rotation, SessionState, valid_after
-from projections.streams import is_principal, is_session, principal_name_of, session_id_of
+from projections.streams import PRINCIPAL, is_session, key_of, session_id_of
 
 Connection = psycopg.Connection[TupleRow]
 AsyncConnection = psycopg.AsyncConnection[TupleRow]
@@ -55,8 +56,10 @@ _VALID_USER_SESSIONS = (
 _PRINCIPAL_COLUMNS = "name, version, recent_failures, locked_until"
 _LOAD_PRINCIPAL = "SELECT {columns} FROM {table} WHERE name = %s"
 _LOAD_PRINCIPALS = "SELECT {columns} FROM {table} WHERE name = ANY(%s)"
-# Two-key form: the first key keeps these locks apart from the schema's and the signing keys'.
-_LOCK_PRINCIPAL = "SELECT pg_advisory_xact_lock(7261002, hashtext(%s))"
+# Two-key form: the first key keeps these locks apart from the schema's and the signing keys',
+# and user names apart from client ids.
+_LOCK_PRINCIPAL = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+_LOCK_SPACES = {"principals": 7261002, "client_lockouts": 7261003}
 _SAVE_PRINCIPAL = """
 INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s)
 ON CONFLICT (name) DO UPDATE SET
@@ -127,13 +130,14 @@ def valid_user_sessions(
 def load_principal(
     conn: Connection, name: str, *, for_update: bool, table: str = "principals"
 ) -> PrincipalState:
-    """The principal's projected state (empty when it never failed a login).
+    """The principal's projected state (empty when it never failed a login); `table`
+    "client_lockouts" holds clients' (by client id).
 
     With `for_update`, the name is locked until the transaction ends, whether or not it has a row
     yet: a row lock alone would let two first failures of a new name race.
     """
     if for_update:
-        conn.execute(_LOCK_PRINCIPAL, (name,), prepare=True)
+        conn.execute(_LOCK_PRINCIPAL, (_LOCK_SPACES[table], name), prepare=True)
     query = statement(_LOAD_PRINCIPAL, table, _PRINCIPAL_COLUMNS)
     row = conn.execute(query, (name,), prepare=True).fetchone()
     return PrincipalState(name=name) if row is None else _principal(row)
@@ -203,11 +207,16 @@ class SessionsRebuild:
 
 
 def apply_principals(
-    conn: Connection, events: Sequence[RecordedEvent], *, table: str = "principals"
+    conn: Connection,
+    events: Sequence[RecordedEvent],
+    *,
+    table: str = "principals",
+    stream_type: str = PRINCIPAL,
 ) -> None:
-    """Fold a batch of events into principal rows; events a row already reflects are skipped."""
-    batch = [e for e in events if is_principal(e)]
-    names = list(dict.fromkeys(principal_name_of(e.stream_id) for e in batch))
+    """Fold a batch of events into principal rows (of user names, or with `stream_type` CLIENT
+    of client ids); events a row already reflects are skipped."""
+    batch = [e for e in events if e.stream_type == stream_type]
+    names = list(dict.fromkeys(key_of(stream_type, e.stream_id) for e in batch))
     if not names:
         return
     query = statement(_LOAD_PRINCIPALS, table, _PRINCIPAL_COLUMNS)
@@ -215,7 +224,7 @@ def apply_principals(
     states.update((row[0], _principal(row)) for row in conn.execute(query, (names,)))
     changed: dict[str, PrincipalState] = {}
     for recorded in batch:
-        name = principal_name_of(recorded.stream_id)
+        name = key_of(stream_type, recorded.stream_id)
         if recorded.version <= states[name].version:
             continue
         states[name] = changed[name] = principal.evolve(states[name], recorded.event)

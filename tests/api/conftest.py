@@ -6,7 +6,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,10 +18,12 @@ from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
 from api.http.app import create_app
+from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.ratelimit import RateLimit
-from api.settings import Settings
+from api.settings import CLIENT_LOCKOUT, Settings
 from ledger.clock import ManualClock
 from ledger.store import START, EventStore, RecordedEvent
+from projections.principal import LockoutPolicy
 from projections.session import Policy
 from tests.waiting import wait_until
 
@@ -119,9 +121,14 @@ def serve_on(app: Any, sock: socket.socket) -> Callable[[], None]:
     return stop
 
 
+def client_secret_key(pool: ConnectionPool) -> bytes:
+    """The server secret client secrets are hashed under (created on first need, unsealed)."""
+    return load_server_secret(pool, Sealer(None), datetime.now(UTC), CLIENT_SECRET_KEY_NAME)
+
+
 @pytest.fixture
 def accounts(pool: ConnectionPool) -> Accounts:
-    accounts = Accounts(pool, CHEAP_HASHER)
+    accounts = Accounts(pool, CHEAP_HASHER, secret_key=client_secret_key(pool))
     accounts.add_user("ada", PASSWORD, ("profile", "email"))
     accounts.add_user("bob", PASSWORD, ("profile",))
     accounts.add_client("spa", None, ("password", "refresh_token"))
@@ -143,6 +150,7 @@ def live_factory(
         run_projections: bool = False,
         address_logins: RateLimit = DEFAULT_RATE_LIMIT,
         hasher: PasswordHasher = CHEAP_HASHER,
+        client_lockout: LockoutPolicy = CLIENT_LOCKOUT,
     ) -> LiveServer:
         settings = Settings(
             database_url=db_url,
@@ -151,6 +159,7 @@ def live_factory(
             policy=policy,
             run_projections=run_projections,
             address_logins=address_logins,
+            client_lockout=client_lockout,
         )
         app = create_app(settings, db_url, clock=clock, hasher=hasher)
         url, stop = serve_in_thread(app)

@@ -19,6 +19,7 @@ from ledger.chain import Envelope
 from ledger.db import SCHEMA_VERSION
 from ledger.events import ActivityRecorded, SessionEnded
 from ledger.store import EventStore, Stream
+from tests.api.conftest import client_secret_key
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 EXECUTABLE = shutil.which("session-ledger") or str(Path(sys.executable).parent / "session-ledger")
@@ -147,10 +148,12 @@ def test_confidential_client_gets_a_secret_printed_once(db_url: str, pool: Conne
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     secret = result.stdout.split("store it now): ")[1].strip()
-    client = Accounts(pool).client("backend")
+    accounts = Accounts(pool, secret_key=client_secret_key(pool))
+    client = accounts.client("backend")
     assert client is not None
     assert client.grants == ("password",)
-    assert Accounts(pool).check_secret(client, secret)
+    assert accounts.check_secret(client, secret)
+    assert not accounts.check_secret(client, secret + "x")
     assert secret not in (client.secret_hash or "")
 
 
@@ -160,12 +163,35 @@ def test_public_client_and_secret_from_stdin(db_url: str, pool: ConnectionPool) 
     spa = Accounts(pool).client("spa")
     assert spa is not None
     assert (spa.is_confidential, spa.grants) == (False, ("password", "refresh_token"))
-    piped = run("clients", "add", "api", "--secret-stdin", env=env, stdin="0123456789abcdef-x\n")
+    strong = "Xq7-vT2_pL9wZr4KmN8sB3yH6jD1cF5g"  # what openssl rand -base64 24 gives
+    piped = run("clients", "add", "api", "--secret-stdin", env=env, stdin=f"{strong}\n")
     assert piped.returncode == 0, piped.stderr
-    assert "0123456789abcdef-x" not in piped.stdout
-    api = Accounts(pool).client("api")
+    assert strong not in piped.stdout
+    accounts = Accounts(pool, secret_key=client_secret_key(pool))
+    api = accounts.client("api")
     assert api is not None
-    assert Accounts(pool).check_secret(api, "0123456789abcdef-x")
+    assert accounts.check_secret(api, strong)
+
+
+@pytest.mark.parametrize(
+    "weak",
+    [
+        "0123456789abcdef-x",  # 18 characters: about 110 bits at most
+        "a" * 64,  # long, but one character
+        "7f3a9c2e5b1d8f4a",  # 64 bits of hex
+    ],
+)
+def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
+    db_url: str, pool: ConnectionPool, weak: str
+) -> None:
+    result = run(
+        "clients", "add", "api", "--secret-stdin",
+        env={"LEDGER_DATABASE_URL": db_url}, stdin=f"{weak}\n",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "at least 128 are needed" in result.stderr
+    assert weak not in result.stderr
+    assert Accounts(pool).client("api") is None
 
 
 @pytest.mark.parametrize(

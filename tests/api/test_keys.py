@@ -20,7 +20,7 @@ from api.keys import (
     Sealer,
     SigningKey,
     load_keyring,
-    load_refresh_secret,
+    load_server_secret,
     new_signing_key,
     rotate_keys,
 )
@@ -328,13 +328,13 @@ def test_a_naive_now_is_refused(pool: ConnectionPool) -> None:
 
 
 def test_the_refresh_secret_is_32_bytes_and_stable(pool: ConnectionPool) -> None:
-    secret = load_refresh_secret(pool, PLAIN, NOW)
+    secret = load_server_secret(pool, PLAIN, NOW)
     assert len(secret) == 32
-    assert load_refresh_secret(pool, PLAIN, NOW + timedelta(days=1)) == secret
+    assert load_server_secret(pool, PLAIN, NOW + timedelta(days=1)) == secret
 
 
 def test_concurrent_first_loads_agree_on_one_refresh_secret(pool: ConnectionPool) -> None:
-    secrets = _race(pool, 8, lambda: load_refresh_secret(pool, PLAIN, NOW))
+    secrets = _race(pool, 8, lambda: load_server_secret(pool, PLAIN, NOW))
     assert len(set(secrets)) == 1
     with pool.connection() as conn:
         row = conn.execute("SELECT count(*) FROM server_secrets").fetchone()
@@ -342,7 +342,7 @@ def test_concurrent_first_loads_agree_on_one_refresh_secret(pool: ConnectionPool
 
 
 def test_the_refresh_secret_is_sealed_with_a_passphrase(pool: ConnectionPool) -> None:
-    secret = load_refresh_secret(pool, Sealer(PASSPHRASE), NOW)
+    secret = load_server_secret(pool, Sealer(PASSPHRASE), NOW)
     with pool.connection() as conn:
         row = conn.execute(
             "SELECT value, sealed, created_at FROM server_secrets WHERE name = 'refresh_token_key'"
@@ -352,6 +352,6 @@ def test_the_refresh_secret_is_sealed_with_a_passphrase(pool: ConnectionPool) ->
     assert sealed is True
     assert secret not in bytes(value)
     assert created_at == NOW
-    assert load_refresh_secret(pool, Sealer(PASSPHRASE), NOW) == secret
+    assert load_server_secret(pool, Sealer(PASSPHRASE), NOW) == secret
     with pytest.raises(KeyStoreError, match="LEDGER_KEY_ENCRYPTION_KEY"):
-        load_refresh_secret(pool, PLAIN, NOW)
+        load_server_secret(pool, PLAIN, NOW)

@@ -159,9 +159,15 @@ def test_no_route_answers_with_a_password_or_secret_hash(
 
     hashes = _stored_hashes(admin)
     assert len(hashes) == 4  # ada, bob, sec and the backend client
-    assert all(h.startswith("$argon2id$") for h in hashes)
+    assert sorted(h.split("$")[0] or h.split("$")[1] for h in hashes) == [
+        "argon2id",
+        "argon2id",
+        "argon2id",
+        "hmac-sha256",
+    ]
     for response in responses:
         assert "$argon2" not in response.text, response.url
+        assert "hmac-sha256$" not in response.text, response.url
         assert PASSWORD not in response.text, response.url
         assert SECRET not in response.text, response.url
         assert all(h.split("$")[-1] not in response.text for h in hashes), response.url

@@ -42,6 +42,8 @@ def test_defaults_follow_the_design() -> None:
     assert policy.activity_debounce == timedelta(seconds=60)
     assert policy.refresh_counts_as_activity is True
     assert (settings.lockout.max_failures, settings.lockout.window) == (5, timedelta(minutes=15))
+    client_lockout = settings.client_lockout
+    assert (client_lockout.max_failures, client_lockout.window) == (20, timedelta(minutes=15))
 
 
 def test_every_variable_is_read() -> None:
@@ -58,6 +60,8 @@ def test_every_variable_is_read() -> None:
             "LEDGER_REFRESH_COUNTS_AS_ACTIVITY": "false",
             "LEDGER_LOGIN_MAX_FAILURES": "3",
             "LEDGER_LOGIN_FAILURE_WINDOW": "1h",
+            "LEDGER_CLIENT_MAX_FAILURES": "10",
+            "LEDGER_CLIENT_FAILURE_WINDOW": "5m",
             "LEDGER_KEY_ENCRYPTION_KEY": "a passphrase",
         }
     )
@@ -70,6 +74,8 @@ def test_every_variable_is_read() -> None:
     assert settings.policy.activity_debounce == timedelta(seconds=30)
     assert settings.policy.refresh_counts_as_activity is False
     assert (settings.lockout.max_failures, settings.lockout.window) == (3, timedelta(hours=1))
+    client_lockout = settings.client_lockout
+    assert (client_lockout.max_failures, client_lockout.window) == (10, timedelta(minutes=5))
     assert settings.key_encryption_key == "a passphrase"
     assert "a passphrase" not in repr(settings)
 
@@ -82,6 +88,8 @@ def test_every_variable_is_read() -> None:
         ("LEDGER_ABSOLUTE_TIMEOUT", ""),
         ("LEDGER_LOGIN_MAX_FAILURES", "0"),
         ("LEDGER_LOGIN_MAX_FAILURES", "100"),
+        ("LEDGER_CLIENT_MAX_FAILURES", "33"),
+        ("LEDGER_CLIENT_FAILURE_WINDOW", "soon"),
         ("LEDGER_REFRESH_COUNTS_AS_ACTIVITY", "maybe"),
         ("LEDGER_ISSUER", "auth.example.com"),
         ("LEDGER_ISSUER", "https://auth.example.com/?x=1"),

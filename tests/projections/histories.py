@@ -33,7 +33,7 @@ from projections.sql.inline import (
     save_principal,
     save_session,
 )
-from projections.streams import principal_stream, session_stream, session_stream_id
+from projections.streams import client_stream, principal_stream, session_stream, session_stream_id
 
 Connection = psycopg.Connection[TupleRow]
 Admin = psycopg.Connection[tuple[object, ...]]
@@ -121,6 +121,13 @@ class Writer:
         with self.transaction(conn) as tx:
             state = load_principal(tx, user, for_update=True)
             return self._record_failure(tx, state, reason, ip, "curl", now)
+
+    def fail_client(self, client_id: str, *, ip: str | None = "192.0.2.66") -> tuple[Event, ...]:
+        """A failed authentication as the client `client_id` (a wrong secret)."""
+        now = self.clock.now()
+        with self.transaction(None) as tx:
+            state = load_principal(tx, client_id, for_update=True, table="client_lockouts")
+            return self._record_failure(tx, state, "wrong_secret", ip, "curl", now, client=True)
 
     def refresh(
         self,
@@ -210,16 +217,17 @@ class Writer:
         ip: str | None,
         user_agent: str | None,
         now: datetime,
+        *,
+        client: bool = False,
     ) -> tuple[Event, ...]:
         events = principal.decide_failure(
-            state, reason, ip=ip, user_agent=user_agent, now=now, policy=self.lockout
+            state, reason, ip=ip, user_agent=user_agent, now=now, policy=self.lockout, client=client
         )
-        self.store.append(
-            principal_stream(state.name), state.version, events, self._meta(ip), conn=conn
-        )
+        stream = client_stream(state.name) if client else principal_stream(state.name)
+        self.store.append(stream, state.version, events, self._meta(ip), conn=conn)
         for event in events:
             state = principal.evolve(state, event)
-        save_principal(conn, state)
+        save_principal(conn, state, table="client_lockouts" if client else "principals")
         return events
 
     def _meta(self, ip: str | None) -> dict[str, object]:
@@ -229,7 +237,8 @@ class Writer:
 
 def write_varied_history(writer: Writer) -> list[str]:
     """Sessions that log out, rotate, retry in grace, reuse a token, idle out (recorded or not),
-    reach the absolute end; failed logins with a lockout and a burst from one address."""
+    reach the absolute end; failed logins with a lockout and a burst from one address; failed
+    client authentications that lock a client."""
     w = writer
     a = _login(w, "ada")
     w.advance(timedelta(minutes=2))
@@ -261,6 +270,8 @@ def write_varied_history(writer: Writer) -> list[str]:
     for _ in range(9):  # the ninth refresh comes after the absolute end, which it records
         w.advance(timedelta(minutes=55))
         w.refresh_current(e)
+    for _ in range(6):  # the fifth wrong secret within the window locks the client
+        w.fail_client("backend", ip="203.0.113.77")
     return [a, b, c, d, e, f]
 
 
