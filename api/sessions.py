@@ -65,6 +65,8 @@ class RequestInfo:
     request_id: str
     ip: str | None
     user_agent: str | None
+    peer: str | None = None
+    """The trusted proxy the request came through, when `ip` is the address it forwarded."""
 
     def metadata(self, client_id: str | None = None) -> dict[str, object]:
         meta: dict[str, object] = {
@@ -72,6 +74,8 @@ class RequestInfo:
             "ip": self.ip,
             "user_agent": self.user_agent,
         }
+        if self.peer is not None:
+            meta["peer"] = self.peer
         return meta if client_id is None else {**meta, "client_id": client_id}
 
 
@@ -205,6 +209,9 @@ class SessionService:
         state = await self._session_async(claims.session_id)
         if state is None or not session.is_valid(state, now, self._policy):
             raise InvalidToken("the session is no longer active")
+        # Only a leaked signing key could make these differ; no such token is honoured.
+        if (claims.subject, claims.client_id) != (state.user, state.client_id):
+            raise InvalidToken("the token does not match its session")
         return claims, state
 
     async def record_activity(self, state: SessionState, info: RequestInfo) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from api.ratelimit import RateLimit
 from projections.principal import MAX_TRACKED_FAILURES, LockoutPolicy
 from projections.session import Policy, parse_duration
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_DATA_DIR = Path(".session-ledger/pgdata")
 MAX_ADDRESS_LOGIN_LIMIT = 1_000_000
 CLIENT_LOCKOUT = LockoutPolicy(max_failures=20, window=timedelta(minutes=15))
@@ -57,11 +59,20 @@ class Settings:
     run_projections: bool = True
     """Whether the server keeps the catch-up projections current (LEDGER_RUN_PROJECTIONS); turn
     it off when `session-ledger project` runs elsewhere."""
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Reverse proxies whose X-Forwarded-For names the client (LEDGER_TRUSTED_PROXIES: addresses
+    or networks); from anyone else the header is ignored."""
     allowed_origins: tuple[str, ...] = ()
     """Origins whose pages may call the cookie-authenticated browser endpoints
     (LEDGER_ALLOWED_ORIGINS); empty means the issuer's origin only (see `browser_origins`)."""
     demo: bool = False
     """Serve the demo single-page app at /demo (LEDGER_DEMO; `serve --demo` sets it)."""
+    metrics_token: str | None = field(default=None, repr=False)
+    """A bearer token that GET /metrics then requires (LEDGER_METRICS_TOKEN); unset, /metrics is
+    open to whoever reaches the port."""
+    api_docs: bool = False
+    """Serve FastAPI's interactive API pages at /docs (LEDGER_API_DOCS). Off by default: they
+    load Swagger UI from a public CDN, without subresource integrity."""
     access_log: bool = False
     """Log a line per request (LEDGER_ACCESS_LOG). Off by default: it costs a share of every
     request, and the ledger itself is the audit trail."""
@@ -119,8 +130,11 @@ class Settings:
             ),
             key_encryption_key=_optional_text(env, "LEDGER_KEY_ENCRYPTION_KEY"),
             run_projections=_flag(env, "LEDGER_RUN_PROJECTIONS", True),
+            trusted_proxies=_networks(env, "LEDGER_TRUSTED_PROXIES"),
             allowed_origins=_origins(env, "LEDGER_ALLOWED_ORIGINS"),
             demo=_flag(env, "LEDGER_DEMO", False),
+            metrics_token=_optional_text(env, "LEDGER_METRICS_TOKEN"),
+            api_docs=_flag(env, "LEDGER_API_DOCS", False),
             access_log=_flag(env, "LEDGER_ACCESS_LOG", False),
         )
 
@@ -188,6 +202,16 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(normalize_origin(item) for item in text.split(",")))
     except ValueError as e:
         raise SettingsError(f"{name}: {e}") from None
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    text = _optional_text(env, name)
+    if text is None:
+        return ()
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in text.split(","))
+    except ValueError as e:
+        raise SettingsError(f"{name}: {e} (addresses or networks, comma-separated)") from None
 
 
 def _url(env: Mapping[str, str], name: str, default: str) -> str:

@@ -18,6 +18,9 @@ from api.keys import KeyRing
 from ledger.clock import require_aware
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+CLOCK_SKEW = timedelta(seconds=30)
+"""How far ahead of the verifier's clock a token's `iat` or `nbf` may be (RFC 7519 §4.1.5 allows
+some leeway): servers on one database may disagree by a little, never by minutes."""
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "jti", "client_id", "sid")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -100,12 +103,17 @@ def verify_access_token(
     expires_at = _timestamp(claims, "exp")
     if not now < expires_at:
         raise InvalidToken("token has expired")
+    issued_at = _timestamp(claims, "iat")
+    if issued_at > now + CLOCK_SKEW:
+        raise InvalidToken("token issued in the future")
+    if "nbf" in claims and _timestamp(claims, "nbf") > now + CLOCK_SKEW:
+        raise InvalidToken("token not valid yet (nbf)")
     return AccessClaims(
         subject=str(claims["sub"]),
         session_id=str(claims["sid"]),
         client_id=str(claims["client_id"]),
         scope=_scope(claims.get("scope", "")),
-        issued_at=_timestamp(claims, "iat"),
+        issued_at=issued_at,
         expires_at=expires_at,
         jwt_id=str(claims["jti"]),
         issuer=issuer,

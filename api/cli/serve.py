@@ -14,6 +14,7 @@ import uvicorn
 
 from api.accounts import GRANTS, Accounts
 from api.cli.support import failures_exit_2, prepare_database, service_url
+from api.http.transport import log_config
 from api.settings import Settings
 from ledger.db import RUNTIME_ROLE, check_role, open_pool
 
@@ -28,6 +29,12 @@ def serve(
     demo: Annotated[
         bool, typer.Option(help="Create a demo user and client if absent; print a walk-through.")
     ] = False,
+    demo_on_shared_database: Annotated[
+        bool,
+        typer.Option(
+            help="Allow --demo on LEDGER_DATABASE_URL: its well-known demo password stays there."
+        ),
+    ] = False,
 ) -> None:
     """Run the HTTP API (on the embedded PostgreSQL unless LEDGER_DATABASE_URL is set); it acts
     as the least-privilege role session_ledger_runtime, and on the embedded server logs in as
@@ -35,6 +42,20 @@ def serve(
     base = f"http://{_url_host(host)}:{port}"  # what a client types: an IPv6 host in brackets
     with failures_exit_2():
         settings = Settings.from_env()
+        if demo and settings.database_url is not None:
+            if not demo_on_shared_database:
+                typer.echo(
+                    "session-ledger: --demo creates the user demo with a published password;"
+                    " on LEDGER_DATABASE_URL it would stay there for anyone to use. Run the demo"
+                    " on the embedded database, or add --demo-on-shared-database.",
+                    err=True,
+                )
+                raise typer.Exit(2)
+            typer.echo(
+                f"warning: demo user {DEMO_USER!r} with the password {DEMO_PASSWORD!r} is being"
+                " created on LEDGER_DATABASE_URL; remove it when the demo is over",
+                err=True,
+            )
         owner_url = prepare_database(settings)
         url = service_url(settings, owner_url)
         check_role(url, RUNTIME_ROLE)  # the workers act as it; say why now if they cannot
@@ -65,6 +86,10 @@ def serve(
         loop="uvloop",
         log_level="info",
         access_log=settings.access_log,
+        log_config=log_config(),
+        # The app reads X-Forwarded-For itself, from LEDGER_TRUSTED_PROXIES only; uvicorn's own
+        # reading would trust a proxy on 127.0.0.1, so any local process could pick its address.
+        proxy_headers=False,
         # A worker starting on a busy machine (imports, key load, pool) can take longer than
         # uvicorn's 5 s before it answers the supervisor's first ping; it is not hung.
         timeout_worker_healthcheck=30,

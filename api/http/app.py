@@ -85,7 +85,17 @@ def create_app(
                 await apool.close()
             await run_in_threadpool(pool.close)
 
-    app = FastAPI(title="session-ledger", lifespan=lifespan)
+    app = FastAPI(
+        title="session-ledger",
+        lifespan=lifespan,
+        # A trailing-slash redirect is built from the request's Host header and a 307 resends
+        # the body: an unknown path is a 404 instead.
+        redirect_slashes=False,
+        # FastAPI's pages load Swagger UI and ReDoc from a public CDN; /openapi.json is enough
+        # for tools, and the pages are served only when asked for (LEDGER_API_DOCS).
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url=None,
+    )
     latency = metrics.latency_histogram()
     errors.install(app)
     edge.install(app, latency)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from typing import Annotated
 
@@ -9,6 +10,7 @@ from fastapi import Depends, Request
 
 from api.http.errors import BearerRequired
 from api.sessions import RequestInfo, SessionService
+from api.settings import IPNetwork
 from api.tokens import AccessClaims
 from projections.session import SessionState
 
@@ -22,8 +24,50 @@ async def service_of(request: Request) -> SessionService:
 
 
 async def request_info(request: Request) -> RequestInfo:
-    ip = request.client.host if request.client else None
-    return RequestInfo(str(uuid.uuid4()), ip, request.headers.get("user-agent"))
+    peer = request.client.host if request.client else None
+    trusted: tuple[IPNetwork, ...] = request.app.state.settings.trusted_proxies
+    forwarded = client_address(peer, request.headers.getlist("x-forwarded-for"), trusted)
+    user_agent = request.headers.get("user-agent")
+    if forwarded is None:
+        return RequestInfo(str(uuid.uuid4()), peer, user_agent)
+    return RequestInfo(str(uuid.uuid4()), forwarded, user_agent, peer=peer)
+
+
+def client_address(
+    peer: str | None, forwarded_for: list[str], trusted: tuple[IPNetwork, ...]
+) -> str | None:
+    """The client address a trusted proxy forwarded, or None to use the peer's own.
+
+    X-Forwarded-For is read only from a peer in `trusted`, right to left, past every trusted
+    proxy; the first address beyond them is the client's, and it must be a well-formed IP
+    address (else None: anyone can write anything there).
+    """
+    if not trusted or not _in(_parse(peer), trusted):
+        return None
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    for hop in reversed(hops):
+        address = _parse(hop)
+        if address is None:
+            return None
+        if not _in(address, trusted):
+            return str(address)
+    return None
+
+
+def _parse(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if text is None:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _in(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    networks: tuple[IPNetwork, ...],
+) -> bool:
+    return address is not None and any(address in network for network in networks)
 
 
 Service = Annotated[SessionService, Depends(service_of)]

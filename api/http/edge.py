@@ -1,5 +1,5 @@
 """The one ASGI layer in front of every route: it refuses a request head that no route may see,
-and measures every answer.
+gives every answer the headers no answer may lack, and measures every answer.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task per request; one layer
 rather than one per concern, since each layer is a call and a closure on every request. The body
@@ -26,6 +26,16 @@ _REFUSAL_HEADERS = [
     (b"content-type", b"application/json"),
     *((name.lower().encode(), value.encode()) for name, value in NO_STORE.items()),
 ]
+# Metric labels come from closed sets: any other method is "other" (a raw request may send any
+# token as its method, and each new label value would be a new series kept for good).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+_NO_STORE = (b"cache-control", b"no-store")
+# Credentials in a URL end up in logs, browser history and Referer headers: refused (RFC 6750
+# §2.3 lets a server refuse access_token in the query; the others never belong there).
+_CREDENTIAL_PARAMETERS = frozenset(
+    {b"access_token", b"refresh_token", b"client_secret", b"password", b"token", b"code"}
+)
 
 
 def install(app: FastAPI, latency: Histogram) -> None:
@@ -35,8 +45,11 @@ def install(app: FastAPI, latency: Histogram) -> None:
 class Edge:
     """Refuses, before any route sees it, a request whose path and query exceed
     MAX_TARGET_BYTES (414), whose headers exceed MAX_HEADERS or MAX_HEADER_BYTES in all (431), or
-    whose path or query holds NUL (400; PostgreSQL text cannot hold it). Records every answer's
-    latency by route template (ids make no new series), method and status class."""
+    whose path or query holds NUL (400; PostgreSQL text cannot hold it) or a credential (400).
+    Adds `X-Content-Type-Options: nosniff` to every answer and `Cache-Control: no-store` to every
+    one that sets no Cache-Control of its own (the framework's 404 and 405 among them). Records
+    every answer's latency by route template (ids make no new series), method and status class.
+    """
 
     def __init__(self, app: ASGIApp, latency: Histogram) -> None:
         self._app = app
@@ -53,6 +66,7 @@ class Edge:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": _completed(message.get("headers", []))}
             await send(message)
 
         try:
@@ -64,7 +78,8 @@ class Edge:
         finally:
             # Starlette's router records the route it chose in the scope: its template.
             route = str(getattr(scope.get("route"), "path", "unmatched"))
-            series = self._latency.labels(route, scope["method"], f"{status // 100}xx")
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            series = self._latency.labels(route, method, f"{status // 100}xx")
             series.observe(time.perf_counter() - started)
 
 
@@ -80,7 +95,19 @@ def _refusal(scope: Scope) -> tuple[int, str] | None:
     lowered = query.lower()
     if "\x00" in scope["path"] or b"%00" in lowered or b"\x00" in lowered:
         return 400, "NUL characters are not allowed"
+    if lowered and any(
+        name.partition(b"=")[0] in _CREDENTIAL_PARAMETERS for name in lowered.split(b"&")
+    ):
+        return 400, "credentials are not accepted in the query string; send them in the body"
     return None
+
+
+def _completed(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    names = {name.lower() for name, _ in headers}
+    added = [_NOSNIFF] if _NOSNIFF[0] not in names else []
+    if _NO_STORE[0] not in names:
+        added.append(_NO_STORE)
+    return [*headers, *added] if added else headers
 
 
 async def _refuse(send: Send, status: int, description: str) -> None:

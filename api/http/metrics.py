@@ -8,6 +8,7 @@ reaches one worker, sums all of them.
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -20,7 +21,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
+from api.errors import InvalidToken
 from api.http import openapi
+from api.http.errors import BearerRequired
 from ledger.db import translated_errors
 from ledger.store import EventStore
 from projections.sql.catalog import CATCH_UP
@@ -114,6 +117,13 @@ def _lag_gauges(lags: dict[str, Lag]) -> Iterator[Metric]:
 
 @router.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
 async def metrics(request: Request) -> Response:
+    expected: str | None = request.app.state.settings.metrics_token
+    if expected is not None:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise BearerRequired("/metrics needs the bearer token LEDGER_METRICS_TOKEN")
+        if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+            raise InvalidToken("not the metrics token")
     registry: CollectorRegistry = request.app.state.metrics
     body = await run_in_threadpool(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

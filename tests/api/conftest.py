@@ -20,7 +20,7 @@ from api.accounts import Accounts
 from api.http.app import create_app
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.ratelimit import RateLimit
-from api.settings import CLIENT_LOCKOUT, Settings
+from api.settings import CLIENT_LOCKOUT, IPNetwork, Settings
 from ledger.clock import ManualClock
 from ledger.store import START, EventStore, RecordedEvent
 from projections.principal import LockoutPolicy
@@ -103,7 +103,9 @@ def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
 
 def serve_on(app: Any, sock: socket.socket) -> Callable[[], None]:
     """Run uvicorn in a thread on a socket bound by the caller; return a stop function."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # proxy_headers off, as `serve` runs it: the app reads X-Forwarded-For itself.
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", proxy_headers=False)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
 
@@ -151,6 +153,9 @@ def live_factory(
         address_logins: RateLimit = DEFAULT_RATE_LIMIT,
         hasher: PasswordHasher = CHEAP_HASHER,
         client_lockout: LockoutPolicy = CLIENT_LOCKOUT,
+        demo: bool = False,
+        metrics_token: str | None = None,
+        trusted_proxies: tuple[IPNetwork, ...] = (),
     ) -> LiveServer:
         settings = Settings(
             database_url=db_url,
@@ -160,6 +165,9 @@ def live_factory(
             run_projections=run_projections,
             address_logins=address_logins,
             client_lockout=client_lockout,
+            demo=demo,
+            metrics_token=metrics_token,
+            trusted_proxies=trusted_proxies,
         )
         app = create_app(settings, db_url, clock=clock, hasher=hasher)
         url, stop = serve_in_thread(app)

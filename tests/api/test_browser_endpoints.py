@@ -248,7 +248,8 @@ def test_the_client_script_is_served_and_the_demo_only_in_demo_mode(live: LiveSe
 
 @pytest.mark.slow
 def test_serve_demo_serves_the_demo_page_and_accepts_its_origin(db_url: str) -> None:
-    with serving("--demo", env={"LEDGER_DATABASE_URL": db_url}) as (url, process):
+    shared = ("--demo", "--demo-on-shared-database")
+    with serving(*shared, env={"LEDGER_DATABASE_URL": db_url}) as (url, process):
         page = requests.get(f"{url}/demo", timeout=30)
         body = {"username": "demo", "password": "demo-password", "client_id": "demo-spa"}
         headers = {"Origin": url, "X-Requested-With": "test"}

@@ -91,7 +91,8 @@ def test_two_workers_let_one_of_twenty_parallel_refreshes_rotate(
 
 @pytest.mark.slow
 def test_serve_demo_prints_a_walkthrough_that_works(db_url: str) -> None:
-    with serving("--demo", env={"LEDGER_DATABASE_URL": db_url}) as (url, process):
+    shared = ("--demo", "--demo-on-shared-database")
+    with serving(*shared, env={"LEDGER_DATABASE_URL": db_url}) as (url, process):
         form = {"grant_type": "password", "client_id": "demo-spa", "username": "demo"}
         login = requests.post(
             f"{url}/oauth/token", data={**form, "password": "demo-password"}, timeout=30
@@ -101,6 +102,7 @@ def test_serve_demo_prints_a_walkthrough_that_works(db_url: str) -> None:
         output = process.communicate(timeout=30)[0]
     assert f"curl -s {url}/oauth/token -d grant_type=password -d client_id=demo-spa" in output
     assert "Authorization: Bearer $ACCESS" in output
+    assert "warning: demo user 'demo' with the password 'demo-password'" in output
     assert '"POST /oauth/token HTTP/1.1" 200' not in output  # no access log unless asked for
 
 
@@ -109,9 +111,47 @@ def test_serve_logs_each_request_when_the_access_log_is_on(db_url: str) -> None:
     env = {"LEDGER_DATABASE_URL": db_url, "LEDGER_ACCESS_LOG": "true"}
     with serving(env=env) as (url, process):
         assert requests.get(f"{url}/.well-known/jwks.json", timeout=30).status_code == 200
+        listing = requests.get(f"{url}/audit/events?limit=5&secret-looking=abc123", timeout=30)
+        assert listing.status_code == 401
         os.killpg(process.pid, signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     assert '"GET /.well-known/jwks.json HTTP/1.1" 200' in output
+    # Hardening finding 11: the access log never shows a query string.
+    assert '"GET /audit/events HTTP/1.1" 401' in output
+    assert "abc123" not in output
+
+
+@pytest.mark.slow
+def test_rotating_x_forwarded_for_values_neither_escape_the_throttle_nor_reach_the_events(
+    db_url: str, pool: ConnectionPool, accounts: Accounts
+) -> None:
+    # Hardening finding 3: uvicorn trusted X-Forwarded-For from 127.0.0.1, so any local process
+    # picked its own address: sixty logins never met the throttle, and events recorded the lie.
+    env = {"LEDGER_DATABASE_URL": db_url, "LEDGER_ADDRESS_LOGIN_LIMIT": "5"}
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": "no"}
+    with serving(env=env) as (url, _):
+        statuses = [
+            requests.post(
+                f"{url}/oauth/token",
+                data=form,
+                headers={"X-Forwarded-For": f"not-an-ip-{n}"},
+                timeout=30,
+            ).status_code
+            for n in range(6)
+        ]
+    assert statuses == [400] * 5 + [429]
+    failures = [e for e in EventStore(pool).read_all(START, 100) if e.type == "LoginFailed"]
+    assert {(e.data["ip"], e.metadata.get("peer")) for e in failures} == {("127.0.0.1", None)}
+
+
+def test_serve_demo_on_a_shared_database_is_refused_unless_asked_for(
+    db_url: str, pool: ConnectionPool
+) -> None:
+    # Hardening finding 12: the demo's published password would stay on a shared database.
+    result = run("serve", "--demo", env={"LEDGER_DATABASE_URL": db_url})
+    assert result.returncode == 2
+    assert "--demo-on-shared-database" in result.stderr
+    assert Accounts(pool).user("demo") is None
 
 
 def test_an_invalid_setting_stops_start_up_naming_it() -> None:

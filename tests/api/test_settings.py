@@ -63,6 +63,8 @@ def test_every_variable_is_read() -> None:
             "LEDGER_CLIENT_MAX_FAILURES": "10",
             "LEDGER_CLIENT_FAILURE_WINDOW": "5m",
             "LEDGER_KEY_ENCRYPTION_KEY": "a passphrase",
+            "LEDGER_METRICS_TOKEN": "a scrape token",
+            "LEDGER_API_DOCS": "true",
         }
     )
     assert settings.issuer == "https://auth.example.com"
@@ -78,6 +80,8 @@ def test_every_variable_is_read() -> None:
     assert (client_lockout.max_failures, client_lockout.window) == (10, timedelta(minutes=5))
     assert settings.key_encryption_key == "a passphrase"
     assert "a passphrase" not in repr(settings)
+    assert (settings.metrics_token, settings.api_docs) == ("a scrape token", True)
+    assert "a scrape token" not in repr(settings)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from tests.api.test_browser_endpoints import HEADERS
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 THREE_A_MINUTE = RateLimit(limit=3, window=timedelta(minutes=1))
+LOOPBACK_PROXY = (ipaddress.ip_network("127.0.0.0/8"),)
 
 rules = st.builds(
     RateLimit,
@@ -100,14 +102,14 @@ def test_addresses_are_grouped_by_what_one_client_holds(ip: str | None, key: str
 
 def _login(live: LiveServer, address: str, password: str = "wrong") -> requests.Response:
     form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": password}
-    # The live server trusts X-Forwarded-For from loopback (uvicorn's default), like a proxy.
+    # The live servers here trust X-Forwarded-For from loopback (LOOPBACK_PROXY), as from a proxy.
     return live.post("/oauth/token", data=form, headers={"X-Forwarded-For": address})
 
 
 def test_the_fourth_attempt_in_a_minute_is_429_until_the_bucket_refills(
     live_factory: Callable[..., LiveServer],
 ) -> None:
-    live = live_factory(address_logins=THREE_A_MINUTE)
+    live = live_factory(address_logins=THREE_A_MINUTE, trusted_proxies=LOOPBACK_PROXY)
     assert [_login(live, "203.0.113.7").status_code for _ in range(3)] == [400] * 3
     failures = live.types("principal:").count("LoginFailed")
 
@@ -127,7 +129,7 @@ def test_the_fourth_attempt_in_a_minute_is_429_until_the_bucket_refills(
 
 
 def test_the_browser_login_shares_the_limit(live_factory: Callable[..., LiveServer]) -> None:
-    live = live_factory(address_logins=THREE_A_MINUTE)
+    live = live_factory(address_logins=THREE_A_MINUTE, trusted_proxies=LOOPBACK_PROXY)
     for _ in range(3):
         _login(live, "203.0.113.7")
     body = {"username": "ada", "password": PASSWORD, "client_id": "spa"}
@@ -141,7 +143,10 @@ def test_the_browser_login_shares_the_limit(live_factory: Callable[..., LiveServ
 def test_parallel_attempts_from_one_address_admit_exactly_the_limit(
     live_factory: Callable[..., LiveServer],
 ) -> None:
-    live = live_factory(address_logins=RateLimit(limit=5, window=timedelta(minutes=1)))
+    live = live_factory(
+        address_logins=RateLimit(limit=5, window=timedelta(minutes=1)),
+        trusted_proxies=LOOPBACK_PROXY,
+    )
     with ThreadPoolExecutor(max_workers=20) as pool:
         statuses = list(pool.map(lambda _: _login(live, "203.0.113.9").status_code, range(20)))
     assert sorted(statuses) == [400] * 5 + [429] * 15
@@ -150,7 +155,7 @@ def test_parallel_attempts_from_one_address_admit_exactly_the_limit(
 def test_addresses_whose_bucket_is_full_again_are_forgotten(
     live_factory: Callable[..., LiveServer],
 ) -> None:
-    live = live_factory(address_logins=THREE_A_MINUTE)
+    live = live_factory(address_logins=THREE_A_MINUTE, trusted_proxies=LOOPBACK_PROXY)
     _login(live, "203.0.113.7")
     with live.pool.connection() as conn:
         assert conn.execute("SELECT address FROM login_throttle").fetchall() == [("203.0.113.7",)]

@@ -302,6 +302,17 @@ def _missing(name: str) -> Callable[[], str]:
     return build
 
 
+def _at(moment: datetime) -> int:
+    return int(moment.timestamp())
+
+
+def test_iat_and_nbf_within_the_clock_skew_are_accepted() -> None:
+    nearly = _at(NOW + timedelta(seconds=30))
+    claims = _verify(_signed_claims(iat=nearly, nbf=nearly)())
+    assert claims.issued_at == NOW + timedelta(seconds=30)
+    assert _verify(_signed_claims(nbf=_at(NOW - timedelta(minutes=1)))()).subject
+
+
 def _signed_claims(**overrides: object) -> Callable[[], str]:
     return lambda: _sign_ed25519(KEY.private_key, _our_header(), _claims(**overrides))
 
@@ -335,6 +346,11 @@ ATTACKS: dict[str, tuple[Callable[[], str], str]] = {
     "iat as a float": (_signed_claims(iat=1.5), "malformed claim iat"),
     "sub as a number": (_signed_claims(sub=7), "malformed claim sub"),
     "scope as a list": (_signed_claims(scope=["read"]), "malformed claim scope"),
+    # Hardening finding 9: nbf and a future iat were ignored.
+    "iat an hour ahead": (_signed_claims(iat=_at(NOW + timedelta(hours=1))), "in the future"),
+    "iat 31 s ahead": (_signed_claims(iat=_at(NOW + timedelta(seconds=31))), "in the future"),
+    "nbf an hour ahead": (_signed_claims(nbf=_at(NOW + timedelta(hours=1))), "not valid yet"),
+    "nbf as a string": (_signed_claims(nbf="0"), "malformed claim nbf"),
 }
 
 
