@@ -252,7 +252,8 @@ class SessionService:
     def record_browser_refusal(
         self, endpoint: str, reason: str, origin: str | None, info: RequestInfo
     ) -> None:
-        """Record a cookie-authenticated request refused as cross-site, for the auditors."""
+        """Record a cookie-authenticated request refused (cross-site, or with two refresh
+        cookies), for the auditors."""
         event = BrowserRequestRefused(
             occurred_at=self.clock(),
             endpoint=endpoint,

@@ -251,9 +251,10 @@ class ClientLocked(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class BrowserRequestRefused(Event):
-    """A cookie-authenticated browser request failed the CSRF checks and was refused.
+    """A cookie-authenticated browser request failed the CSRF or cookie checks and was refused.
 
-    `reason` is `origin` (Origin missing or not allowed) or `header` (no X-Requested-With).
+    `reason` is `origin` (Origin missing or not allowed), `header` (no X-Requested-With) or
+    `cookies` (more than one refresh cookie: one was planted, or left from elsewhere).
     """
 
     endpoint: str

@@ -44,6 +44,13 @@ async def _auditor(caller: Caller) -> str:
 Auditor = Annotated[str, Depends(_auditor)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 Version = Annotated[int, Query(ge=0, le=2**31 - 1)]
+MAX_BIGINT = 2**63 - 1
+Position = Annotated[int, Query(ge=0, le=MAX_BIGINT)]
+# Times far enough from datetime's and PostgreSQL's limits that a session's durations added to
+# them stay representable.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+_MAX_CURSOR_CHARS = 64
 DATE_TIME: dict[str, Any] = {"format": "date-time"}  # ISO 8601 (RFC 3339 in the schema)
 
 
@@ -133,7 +140,7 @@ async def events(
 
 @router.get("/alerts", openapi_extra=oas.BEARER, responses=oas.AUDIT_ALERTS_RESPONSES)
 async def alerts(
-    auditor: Auditor, request: Request, after: int = 0, limit: Limit = 100
+    auditor: Auditor, request: Request, after: Position = 0, limit: Limit = 100
 ) -> JSONResponse:
     rows = await run_in_threadpool(_alerts, request, after, limit)
     return JSONResponse({"alerts": rows}, headers=NO_STORE)
@@ -186,22 +193,28 @@ def encode_cursor(checkpoint: Checkpoint) -> str:
 
 
 def decode_cursor(text: str) -> Checkpoint:
+    if len(text) > _MAX_CURSOR_CHARS:
+        raise InvalidRequest("malformed cursor")
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
         tx_id, position = (int(part) for part in raw.split(":"))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidRequest("malformed cursor") from None
-    if tx_id < 0 or position < 0:
+    if not (0 <= tx_id <= MAX_BIGINT and 0 <= position <= MAX_BIGINT):
         raise InvalidRequest("malformed cursor")
     return Checkpoint(tx_id, position)
 
 
 def _time(text: str, name: str) -> datetime:
+    """An ISO 8601 time (UTC when it names no offset) between EARLIEST and LATEST."""
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"{name} is not an ISO 8601 time") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    if not EARLIEST <= moment < LATEST:
+        raise InvalidRequest(f"{name} must lie between {EARLIEST.year} and {LATEST.year}")
+    return moment
 
 
 def _user_sessions(request: Request, name: str, limit: int) -> list[session.SessionState]:

@@ -28,15 +28,17 @@ from api.http.errors import (
     error_response,
 )
 from api.http.forms import MAX_FIELD_CHARS, read_body
-from api.sessions import SessionService, TokenGrant
+from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 
 router = APIRouter()
 
-REFRESH_COOKIE = "__Secure-ledger-refresh"
-# Browsers send the cookie only below this path: to /browser/refresh and /browser/logout (and to
-# /browser/login, which ignores it), never to the bearer endpoints, the demo or the scripts.
-COOKIE_PATH = "/browser"
+# The __Host- prefix makes browsers refuse the cookie unless it is Secure, has Path=/ and no
+# Domain: a sibling subdomain cannot plant one of this name for us (cookie tossing), as the
+# browser-based-apps BCP recommends. The price is Path=/: the browser sends it with every request
+# to this host, which only this server reads.
+REFRESH_COOKIE = "__Host-ledger-refresh"
+COOKIE_PATH = "/"
 CUSTOM_HEADER = "X-Requested-With"
 JSON_TYPE = "application/json"
 
@@ -87,12 +89,12 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
 async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
     body = await _read_json(request)
     client = await _public_client(request, _field(body, "client_id"), "refresh_token")
-    token = request.cookies.get(REFRESH_COOKIE)
     try:
+        token = await _refresh_cookie(request, service, info)
         if not token:
             raise InvalidGrant("there is no browser session: the refresh cookie is missing")
         grant = await service.refresh(token, client, info)
-    except InvalidGrant as e:
+    except (InvalidGrant, InvalidRequest) as e:
         refused = error_response(e)
         _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser
         return refused
@@ -109,12 +111,37 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
 async def logout(request: Request, service: Service, info: Info) -> Response:
     body = await _read_json(request)
     client = await _public_client(request, _field(body, "client_id"), None)
-    token = request.cookies.get(REFRESH_COOKIE)
+    try:
+        token = await _refresh_cookie(request, service, info)
+    except InvalidRequest as e:
+        refused = error_response(e)
+        _clear_cookie(refused)
+        return refused
     if token:
         await run_in_threadpool(service.revoke, token, client, info)
     response = Response(status_code=204, headers=NO_STORE)
     _clear_cookie(response)
     return response
+
+
+async def _refresh_cookie(
+    request: Request, service: SessionService, info: RequestInfo
+) -> str | None:
+    """The request's refresh cookie. Two of them make the request ambiguous (one was planted, or
+    is left from elsewhere): it is refused and recorded, rather than trusting whichever came
+    last, as a cookie parser would."""
+    sent = [
+        value
+        for header in request.headers.getlist("cookie")
+        for name, _, value in (pair.strip().partition("=") for pair in header.split(";"))
+        if name == REFRESH_COOKIE
+    ]
+    if len(sent) > 1:
+        origin = request.headers.get("origin")
+        path = request.url.path
+        await run_in_threadpool(service.record_browser_refusal, path, "cookies", origin, info)
+        raise InvalidRequest("the request carries more than one refresh cookie")
+    return sent[0] if sent else None
 
 
 @router.get("/static/session-client.js", include_in_schema=False)
@@ -186,7 +213,7 @@ def _granted(grant: TokenGrant, service: SessionService) -> JSONResponse:
 
 
 def _clear_cookie(response: Response) -> None:
-    # A __Secure- cookie is only replaced by one that is Secure too, on the same path.
+    # A prefixed cookie is only replaced by one that is Secure too, on the same path.
     response.delete_cookie(
         REFRESH_COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"
     )

@@ -63,9 +63,10 @@ def test_login_sets_the_refresh_token_only_as_a_locked_down_cookie(live: LiveSer
     assert set(body) == {"access_token", "token_type", "expires_in", "scope", "idle_timeout"}
     assert (body["token_type"], body["expires_in"], body["idle_timeout"]) == ("Bearer", 900, 1800)
     cookie = set_cookie(response)
-    assert cookie.key.startswith("__Secure-")
+    assert cookie.key.startswith("__Host-")
     assert (cookie["secure"], cookie["httponly"], cookie["samesite"]) == (True, True, "strict")
-    assert cookie["path"] == "/browser"
+    assert cookie["path"] == "/"
+    assert not cookie["domain"]
     assert cookie["max-age"] == str(2 * 3600)  # the session's absolute lifetime
     assert cookie.value not in response.text
     [started] = live.events("session:")

@@ -9,6 +9,8 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 6. Trailing-slash redirects built from a forged Host header.
 11. Framework defaults: answers without no-store or nosniff, Swagger from a CDN, a demo page
     without script-src, credentials accepted in query strings.
+7. 500s from out-of-range cursors and times.
+8. Two refresh cookies in one request: the last one was used.
 9. Claims the verification ignored: nbf, a future iat (in test_tokens.py), and sub and client_id
    against the session row (here).
 (12, the demo account on a shared database, is in test_serve.py, which runs `serve` itself.)
@@ -16,6 +18,7 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 from collections.abc import Callable
@@ -26,11 +29,12 @@ import jwt
 import pytest
 import requests
 from argon2 import PasswordHasher
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from api.accounts import MIN_SECRET_BITS, AccountError, Accounts, secret_bits
+from api.http.browser import REFRESH_COOKIE
 from api.http.dependencies import client_address
 from api.keys import Sealer, load_keyring
 from api.ratelimit import RateLimit
@@ -346,6 +350,112 @@ def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_forged_host(live: LiveS
     assert response.status_code == 404
     assert "location" not in response.headers
     assert response.headers["Cache-Control"] == "no-store"
+
+
+# -- 7. out-of-range input ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def auditor(live: LiveServer) -> dict[str, str]:
+    live.accounts.add_user("sec", "correct horse battery staple", ("audit",))
+    tokens = live.login(username="sec", scope="audit")
+    return live.bearer(tokens["access_token"])
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/audit/events?after={_cursor('1' * 23 + ':1')}",  # what the tester sent
+        f"/audit/events?after={_cursor('1:' + '9' * 19)}",
+        f"/audit/events?after={_cursor('-1:0')}",
+        "/audit/events?after=" + "A" * 200,
+        "/audit/events?from=0001-01-01T00:00:00%2B14:00",
+        "/audit/events?to=9999-12-31T23:59:59-14:00",
+        "/audit/sessions/x?as_of=0001-01-01T00:00:00%2B14:00",  # what the tester sent
+        "/audit/sessions/x?as_of=9999-12-31T23:59:59",
+        "/audit/alerts?after=" + "9" * 23,
+        "/audit/alerts?after=-1",
+    ],
+)
+def test_out_of_range_cursors_and_times_are_400_not_500(
+    live: LiveServer, auditor: dict[str, str], path: str
+) -> None:
+    response = live.get(path, headers=auditor)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_request"
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cursor=st.one_of(
+        st.text(max_size=80),
+        st.tuples(st.integers(), st.integers()).map(lambda p: _cursor(f"{p[0]}:{p[1]}")),
+    ),
+    moment=st.one_of(
+        st.text(max_size=40),
+        st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    ),
+)
+def test_no_cursor_or_time_makes_the_audit_api_fail(
+    live: LiveServer, auditor: dict[str, str], cursor: str, moment: str
+) -> None:
+    for path, params in (
+        ("/audit/events", {"after": cursor}),
+        ("/audit/events", {"from": moment, "to": moment}),
+        ("/audit/sessions/some-session", {"as_of": moment}),
+    ):
+        response = live.get(path, params=params, headers=auditor)
+        assert response.status_code in (200, 400, 404), (path, params, response.text)
+
+
+# -- 8. two refresh cookies -----------------------------------------------------------------------
+
+BROWSER = {"Origin": "https://ledger.test", "X-Requested-With": "fetch"}
+
+
+def _browser_login(live: LiveServer) -> str:
+    body = {"username": "ada", "password": "correct horse battery staple", "client_id": "spa"}
+    response = live.http.post(f"{live.url}/browser/login", json=body, headers=BROWSER, timeout=30)
+    assert response.status_code == 200, response.text
+    return str(response.cookies[REFRESH_COOKIE])
+
+
+@pytest.mark.parametrize("endpoint", ["/browser/refresh", "/browser/logout"])
+def test_two_refresh_cookies_in_one_request_are_refused_recorded_and_cleared(
+    live: LiveServer, endpoint: str
+) -> None:
+    own, planted = _browser_login(live), _browser_login(live)
+    cookies = f"{REFRESH_COOKIE}={planted}; {REFRESH_COOKIE}={own}"
+    response = requests.post(
+        live.url + endpoint,
+        json={"client_id": "spa"},
+        headers={**BROWSER, "Cookie": cookies},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert "more than one refresh cookie" in response.json()["error_description"]
+    assert f"{REFRESH_COOKIE}=" in response.headers["set-cookie"]  # cleared
+    assert "Max-Age=0" in response.headers["set-cookie"]
+    [refusal] = live.events("browser-refusal:")
+    assert (refusal.data["endpoint"], refusal.data["reason"]) == (endpoint, "cookies")
+    rotations = [e for e in live.events("session:") if e.type != "SessionStarted"]
+    assert rotations == []  # neither session was refreshed nor ended
+
+
+def test_the_refresh_cookie_is_host_only_so_no_sibling_subdomain_can_plant_it(
+    live: LiveServer,
+) -> None:
+    _browser_login(live)
+    [cookie] = [c for c in live.http.cookies if c.name == REFRESH_COOKIE]
+    assert cookie.name.startswith("__Host-")
+    assert (cookie.path, cookie.secure, cookie.domain_specified) == ("/", True, False)
 
 
 # -- 9. claims checked against the session ------------------------------------------------------

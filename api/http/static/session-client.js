@@ -1,7 +1,7 @@
 // session-client.js: the page's half of session-ledger's browser mode.
 //
 // One ES module without dependencies or a build step. The refresh token never reaches this code:
-// it travels in an HttpOnly cookie that only /browser/refresh and /browser/logout receive. The
+// it travels in an HttpOnly cookie that only /browser/refresh and /browser/logout read. The
 // access token lives in this object's memory only (and in messages to this origin's other tabs).
 //
 //   import { SessionClient } from "/static/session-client.js";
