@@ -17,7 +17,7 @@ import math
 import re
 import secrets
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,18 +89,13 @@ class Accounts:
     ) -> None:
         """`secret_key` (the server secret CLIENT_SECRET_KEY_NAME) is needed to create and
         verify client secrets, and only for that."""
-        self._pool = pool
+        self.pool = pool
         self._hasher = hasher
         self._secret_key = secret_key
 
     def add_user(self, name: str, password: str, scopes: tuple[str, ...] = ()) -> User:
         _check_name(name, "user name")
-        if not password:
-            raise AccountError("the password is empty")
-        for scope in scopes:
-            if len(scope) > _MAX_SCOPE_CHARS or not is_scope_token(scope):
-                raise AccountError(f"{scope!r} is not a valid scope (RFC 6749 §3.3)")
-        user = User(name, self._hasher.hash(password), tuple(dict.fromkeys(scopes)))
+        user = User(name, self.password_hash(password), self.checked_scopes(scopes))
         self._insert(
             "INSERT INTO users (name, password_hash, scopes) VALUES (%s, %s, %s)"
             " ON CONFLICT DO NOTHING",
@@ -108,6 +103,20 @@ class Accounts:
             f"user {name!r} already exists",
         )
         return user
+
+    def password_hash(self, password: str) -> str:
+        """The stored form of a password (argon2id); AccountError for an empty one."""
+        if not password:
+            raise AccountError("the password is empty")
+        return self._hasher.hash(password)
+
+    @staticmethod
+    def checked_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
+        """The scopes, each once; AccountError naming one that is no RFC 6749 scope token."""
+        for scope in scopes:
+            if len(scope) > _MAX_SCOPE_CHARS or not is_scope_token(scope):
+                raise AccountError(f"{scope!r} is not a valid scope (RFC 6749 §3.3)")
+        return tuple(dict.fromkeys(scopes))
 
     def add_client(self, client_id: str, secret: str | None, grants: tuple[str, ...]) -> Client:
         _check_name(client_id, "client id")
@@ -130,14 +139,14 @@ class Accounts:
         return client
 
     def user(self, name: str) -> User | None:
-        with translated_errors(), self._pool.connection() as conn:
+        with translated_errors(), self.pool.connection() as conn:
             row = conn.execute(
                 "SELECT name, password_hash, scopes FROM users WHERE name = %s", (name,)
             ).fetchone()
         return None if row is None else User(row[0], row[1], tuple(row[2]))
 
     def client(self, client_id: str) -> Client | None:
-        with translated_errors(), self._pool.connection() as conn:
+        with translated_errors(), self.pool.connection() as conn:
             row = conn.execute(_CLIENT, (client_id,), prepare=True).fetchone()
         return None if row is None else _client(row)
 
@@ -175,7 +184,7 @@ class Accounts:
         stored = client.secret_hash
         if stored is None or not self._verify(stored, secret):
             return False
-        with translated_errors(), self._pool.connection() as conn:
+        with translated_errors(), self.pool.connection() as conn:
             conn.execute(
                 "UPDATE clients SET secret_hash = %s WHERE client_id = %s AND secret_hash = %s",
                 (self.secret_hash(secret), client.client_id, stored),
@@ -189,7 +198,7 @@ class Accounts:
             return False
 
     def _insert(self, query: str, params: tuple[object, ...], exists: str) -> None:
-        with translated_errors(), self._pool.connection() as conn:
+        with translated_errors(), self.pool.connection() as conn:
             if conn.execute(query, params).rowcount == 0:
                 raise AccountError(exists)
 

@@ -6,7 +6,7 @@ projection row lock, so any number of workers behave like one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -39,6 +39,7 @@ from projections.sql.inline import (
     load_principal,
     load_session,
     load_session_async,
+    lock_session_with_holder_async,
     save_principal,
     save_session,
     save_session_async,
@@ -56,6 +57,23 @@ _REFUSALS = {
     Outcome.UNKNOWN_GENERATION: "the refresh token is not valid",
 }
 BAD_LOGIN = "invalid username or password"
+# SessionEnded reasons of account changes (api.users).
+USER_REMOVED, PASSWORD_CHANGED = "user_removed", "password_changed"
+SCOPES_CHANGED = "scopes_changed"
+_LOST_PRIVILEGE = {
+    USER_REMOVED: "the session's user no longer exists; the session has ended",
+    SCOPES_CHANGED: "the user no longer holds this session's scope; the session has ended",
+}
+
+
+def lost_privilege(state: SessionState, holder: tuple[str, ...] | None) -> str | None:
+    """Why the session may not go on under its user's current account (`holder`: the scopes the
+    user holds now, None when the user is gone), or None when it may."""
+    if holder is None:
+        return USER_REMOVED
+    if not set(state.scope) <= set(holder):
+        return SCOPES_CHANGED
+    return None
 
 
 @dataclass(frozen=True)
@@ -182,20 +200,28 @@ class SessionService:
         # then the session's current token (tokens are a MAC of session id and generation).
         next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
         async with pipelined(self._apool) as tx:
-            state = await load_session_async(tx.conn, session_id, for_update=True)
+            state, holder = await lock_session_with_holder_async(tx.conn, session_id)
             if state is None or state.client_id != client.client_id:
                 raise InvalidGrant("the refresh token is not valid")
             now = self._now(state)
-            decision = session.decide_refresh(
-                state,
-                generation,
-                next_token_hash=refresh_token_hash(next_token),
-                ip=info.ip,
-                user_agent=info.user_agent,
-                now=now,
-                policy=self._policy,
-            )
+            # The user's current account decides too: a session never outlives its user, nor
+            # keeps a scope the user no longer holds (an account change that could not end it).
+            lost = lost_privilege(state, holder)
+            if lost is not None:
+                decision = session.decide_end(state, lost, now, self._policy)
+            else:
+                decision = session.decide_refresh(
+                    state,
+                    generation,
+                    next_token_hash=refresh_token_hash(next_token),
+                    ip=info.ip,
+                    user_agent=info.user_agent,
+                    now=now,
+                    policy=self._policy,
+                )
             state = await self._apply_async(tx, state, decision, info)
+        if lost is not None and decision.outcome is Outcome.OK:
+            raise InvalidGrant(_LOST_PRIVILEGE[lost])
         if not decision.is_granted:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
         return self._grant(state, next_token, now)
@@ -240,14 +266,11 @@ class SessionService:
         )
         return decision is not None and decision.outcome is Outcome.OK
 
-    def end_all(self, user: str, info: RequestInfo, batch_size: int = 1000) -> int:
-        ended = 0
-        while batch := self.list_sessions(user, limit=batch_size):
-            done = sum(self.end_session(user, state.session_id, info) for state in batch)
-            if done == 0:  # each ended one leaves the list; stop if none would
-                break
-            ended += done
-        return ended
+    def end_all(self, user: str, info: RequestInfo) -> int:
+        """Log the user out everywhere; the count of sessions ended."""
+        return end_user_sessions(
+            self._pool, user, "logout", clock=self.clock, policy=self._policy, info=info
+        )
 
     def record_browser_refusal(
         self, endpoint: str, reason: str, origin: str | None, info: RequestInfo
@@ -423,6 +446,53 @@ class SessionService:
     def _connection(self) -> Iterator[Connection]:
         with translated_errors(), self._pool.connection() as conn:
             yield conn
+
+
+def end_user_sessions(
+    pool: ConnectionPool,
+    user: str,
+    reason: str,
+    *,
+    clock: Callable[[], datetime],
+    policy: session.Policy,
+    info: RequestInfo,
+    beyond_scopes: Sequence[str] | None = None,
+    batch_size: int = 500,
+) -> int:
+    """End every session of `user` that is valid now (with `beyond_scopes`, every one holding a
+    scope outside it), each with its own SessionEnded, in transactions of up to `batch_size`
+    sessions (their rows locked); the count ended."""
+    store = EventStore(pool)
+    ended = 0
+    while True:
+        with translated_errors(), pool.connection() as conn, conn.transaction():
+            batch = valid_user_sessions(
+                conn,
+                user,
+                clock(),
+                policy,
+                batch_size,
+                for_update=True,
+                beyond_scopes=beyond_scopes,
+            )
+            for state in batch:
+                now = max(clock(), session.last_event_at(state))
+                decision = session.decide_end(state, reason, now, policy)
+                if not decision.events:
+                    continue
+                store.append(
+                    _stream(state.session_id),
+                    state.version,
+                    decision.events,
+                    info.metadata(state.client_id),
+                    conn=conn,
+                )
+                for event in decision.events:
+                    state = session.evolve(state, state.session_id, event)
+                save_session(conn, state)
+                ended += decision.outcome is Outcome.OK
+        if len(batch) < batch_size:
+            return ended
 
 
 @dataclass(frozen=True)

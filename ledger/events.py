@@ -225,6 +225,25 @@ class PrincipalLocked(Event):
     failures: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class UserRemoved(Event):
+    """The user was deleted (`users remove`); their sessions end with reason `user_removed`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PasswordChanged(Event):
+    """The user's password was replaced (`users set-password`); their sessions end with reason
+    `password_changed`. The password and its hash are never recorded."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserScopesChanged(Event):
+    """The user now holds `scopes` (`users set-scopes`); sessions holding any other scope end
+    with reason `scopes_changed`."""
+
+    scopes: tuple[str, ...]
+
+
 # A client stream (stream_type "client") holds one client id's failed authentications and locks.
 
 

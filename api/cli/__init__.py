@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from api.cli.accounts import clients_app, users_app
+from api.cli.accounts import clients_app, sessions_app, users_app
 from api.cli.db import db_app
 from api.cli.events import events_app
 from api.cli.history import history
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(clients_app, name="clients")
+app.add_typer(sessions_app, name="sessions")
 app.add_typer(keys_app, name="keys")
 app.add_typer(events_app)
 app.add_typer(serve_app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -14,19 +15,24 @@ import typer
 from api.accounts import GRANTS, AccountError, Accounts
 from api.cli.support import failures_exit_2, prepare_database
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
+from api.sessions import RequestInfo
 from api.settings import Settings
+from api.users import UserChanges
 from ledger.db import open_pool
 
 users_app = typer.Typer(help="Users who log in.", no_args_is_help=True)
 clients_app = typer.Typer(help="OAuth clients.", no_args_is_help=True)
 
 
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
+
+
 @users_app.command("add")
 def users_add(
     name: Annotated[str, typer.Argument(help="The user name.")],
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
     scope: Annotated[
         list[str] | None, typer.Option("--scope", help="A scope the user holds; repeat for more.")
     ] = None,
@@ -36,6 +42,74 @@ def users_add(
     with failures_exit_2(), _accounts() as accounts:
         accounts.add_user(name, password, tuple(scope or ()))
     typer.echo(f"user {name} created")
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument(help="The user name.")]) -> None:
+    """Delete a user and end all their sessions (UserRemoved, then SessionEnded user_removed)."""
+    with failures_exit_2(), _user_changes() as changes:
+        ended = changes.remove(name)
+    typer.echo(f"user {name} removed; {_sessions(ended)} ended")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    name: Annotated[str, typer.Argument(help="The user name.")],
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Replace a user's password and end all their sessions (PasswordChanged, then SessionEnded
+    password_changed); the password is prompted for unless --password-stdin is given."""
+    password = _read_secret("password", from_stdin=password_stdin)
+    with failures_exit_2(), _user_changes() as changes:
+        ended = changes.set_password(name, password)
+    typer.echo(f"password of {name} replaced; {_sessions(ended)} ended")
+
+
+@users_app.command("set-scopes")
+def users_set_scopes(
+    name: Annotated[str, typer.Argument(help="The user name.")],
+    scopes: Annotated[
+        list[str] | None, typer.Argument(help="Every scope the user holds from now on.")
+    ] = None,
+) -> None:
+    """Give a user exactly these scopes (none when none are named); their sessions that hold any
+    other scope end (UserScopesChanged, then SessionEnded scopes_changed)."""
+    with failures_exit_2(), _user_changes() as changes:
+        ended = changes.set_scopes(name, tuple(scopes or ()))
+    held = " ".join(scopes or ()) or "no scopes"
+    typer.echo(f"{name} now holds {held}; {_sessions(ended)} ended")
+
+
+sessions_app = typer.Typer(help="Live sessions.", no_args_is_help=True)
+
+
+@sessions_app.command("revoke")
+def sessions_revoke(
+    user: Annotated[str, typer.Option("--user", help="End every session of this user.")],
+) -> None:
+    """End every valid session of a user now (SessionEnded revoked); their access tokens are
+    refused from then on, and their refresh tokens at once."""
+    with failures_exit_2(), _user_changes() as changes:
+        ended = changes.revoke(user)
+    typer.echo(f"{_sessions(ended)} of {user} ended")
+
+
+def _sessions(count: int) -> str:
+    return f"{count} session" + ("" if count == 1 else "s")
+
+
+@contextmanager
+def _user_changes() -> Iterator[UserChanges]:
+    settings = Settings.from_env()
+    info = RequestInfo(f"cli-{uuid.uuid4()}", None, "session-ledger command line")
+    with _accounts() as accounts:
+        yield UserChanges(
+            accounts.pool,
+            accounts,
+            clock=lambda: datetime.now(UTC),
+            policy=settings.policy,
+            info=info,
+        )
 
 
 @clients_app.command("add")

@@ -53,6 +53,9 @@ _VALID_USER_SESSIONS = (
     "SELECT {columns} FROM {table} WHERE user_name = %s AND ended_at IS NULL"
     " AND last_activity > %s AND started_at > %s ORDER BY started_at DESC, session_id LIMIT %s"
 )
+_VALID_USER_SESSIONS_BEYOND = _VALID_USER_SESSIONS.replace(
+    " ORDER BY", " AND NOT (scope <@ %s::text[]) ORDER BY"
+)
 _PRINCIPAL_COLUMNS = "name, version, recent_failures, locked_until"
 _LOAD_PRINCIPAL = "SELECT {columns} FROM {table} WHERE name = %s"
 _LOAD_PRINCIPALS = "SELECT {columns} FROM {table} WHERE name = ANY(%s)"
@@ -99,6 +102,25 @@ async def load_session_async(
     return None if row is None else _session(row)
 
 
+# The scopes the session's user holds now; no row when the user no longer exists.
+_HOLDER_SCOPES = (
+    "SELECT u.scopes FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.session_id = %s"
+)
+
+
+async def lock_session_with_holder_async(
+    conn: AsyncConnection, session_id: str
+) -> tuple[SessionState | None, tuple[str, ...] | None]:
+    """load_session_async FOR UPDATE, and the scopes the session's user now holds (None: there
+    is no such user), in one round trip on a pipelined connection. The second statement runs
+    once the row lock is held, so it sees every account change committed before."""
+    locked = await conn.execute(_load_session("sessions", True), (session_id,), prepare=True)
+    holder = await conn.execute(_HOLDER_SCOPES, (session_id,), prepare=True)
+    row, scopes = await locked.fetchone(), await holder.fetchone()
+    state = None if row is None else _session(row)
+    return state, None if scopes is None else tuple(scopes[0])
+
+
 async def save_session_async(conn: AsyncConnection, state: SessionState) -> None:
     """save_session on the event loop; in a pipeline it is only queued."""
     query = statement(_SAVE_SESSION, "sessions", _SESSION_COLUMNS)
@@ -118,12 +140,26 @@ def user_sessions(
 
 
 def valid_user_sessions(
-    conn: Connection, user: str, now: datetime, policy: session.Policy, limit: int
+    conn: Connection,
+    user: str,
+    now: datetime,
+    policy: session.Policy,
+    limit: int,
+    *,
+    for_update: bool = False,
+    beyond_scopes: Sequence[str] | None = None,
 ) -> list[SessionState]:
     """A user's sessions that are valid at `now`, newest first; ended and expired ones, however
-    many, never crowd a valid one out of the `limit`."""
-    query = statement(_VALID_USER_SESSIONS, "sessions", _SESSION_COLUMNS)
-    params = (user, *valid_after(now, policy), limit)
+    many, never crowd a valid one out of the `limit`. With `for_update`, their rows are locked
+    until the transaction ends; with `beyond_scopes`, only those holding a scope outside it."""
+    template = _VALID_USER_SESSIONS if beyond_scopes is None else _VALID_USER_SESSIONS_BEYOND
+    query = statement(template, "sessions", _SESSION_COLUMNS)
+    if for_update:
+        query += " FOR UPDATE"
+    params: tuple[object, ...] = (user, *valid_after(now, policy))
+    if beyond_scopes is not None:
+        params += (list(beyond_scopes),)
+    params += (limit,)
     return [_session(row) for row in conn.execute(query, params)]
 
 

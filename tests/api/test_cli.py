@@ -173,6 +173,48 @@ def test_public_client_and_secret_from_stdin(db_url: str, pool: ConnectionPool) 
     assert accounts.check_secret(api, strong)
 
 
+def test_account_commands_change_the_account_and_say_how_many_sessions_ended(
+    db_url: str, pool: ConnectionPool
+) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    assert (
+        run("users", "add", "ada", "--password-stdin", env=env, stdin="first pw\n").returncode == 0
+    )
+    outputs = [
+        run("users", "set-scopes", "ada", "profile", "email", env=env),
+        run("users", "set-password", "ada", "--password-stdin", env=env, stdin="second pw\n"),
+        run("sessions", "revoke", "--user", "ada", env=env),
+        run("users", "remove", "ada", env=env),
+    ]
+    assert [r.returncode for r in outputs] == [0, 0, 0, 0], [r.stderr for r in outputs]
+    assert [r.stdout.strip() for r in outputs] == [
+        "ada now holds profile email; 0 sessions ended",
+        "password of ada replaced; 0 sessions ended",
+        "0 sessions of ada ended",
+        "user ada removed; 0 sessions ended",
+    ]
+    assert Accounts(pool).user("ada") is None
+    types = [e.type for e in EventStore(pool).read_stream("principal:ada")]
+    assert types == ["UserScopesChanged", "PasswordChanged", "UserRemoved"]
+    assert "second pw" not in str(EventStore(pool).read_stream("principal:ada"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("users", "remove", "nobody"), "user 'nobody' does not exist"),
+        (("users", "set-scopes", "nobody", "x"), "user 'nobody' does not exist"),
+        (("users", "set-scopes", "ada", "bad scope"), "is not a valid scope"),
+    ],
+)
+def test_account_commands_refuse_naming_the_problem(
+    db_url: str, accounts: Accounts, args: tuple[str, ...], message: str
+) -> None:
+    result = run(*args, env={"LEDGER_DATABASE_URL": db_url})
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
 @pytest.mark.parametrize(
     "weak",
     [

@@ -3,6 +3,8 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 
 1. Client-secret guessing: unlimited tries, each an argon2 hash that a flood turned into a way
    to exhaust the server.
+2. Privilege changes never reached live sessions: a user's removed scope, the user removed and
+   re-created, kept refreshing with the old scope.
 3. Any local process picked its own client address through X-Forwarded-For (the default
    server's case is in test_serve.py; here, proxies that are trusted).
 4. Unbounded metric series from made-up request methods.
@@ -38,9 +40,11 @@ from api.http.browser import REFRESH_COOKIE
 from api.http.dependencies import client_address
 from api.keys import Sealer, load_keyring
 from api.ratelimit import RateLimit
+from api.sessions import RequestInfo
 from api.tokens import issue_access_token
+from api.users import UserChanges
 from projections.principal import LockoutPolicy
-from tests.api.conftest import CHEAP_HASHER, SECRET, LiveServer, client_secret_key
+from tests.api.conftest import CHEAP_HASHER, PASSWORD, SECRET, LiveServer, client_secret_key
 
 FIVE_A_MINUTE = RateLimit(limit=5, window=timedelta(minutes=1))
 THREE_WRONG = LockoutPolicy(max_failures=3, window=timedelta(minutes=15))
@@ -215,6 +219,91 @@ def test_a_supplied_client_secret_needs_128_bits(
     with pytest.raises(AccountError, match="at least 128 are needed") as refused:
         accounts.add_client("supplied", secret, ("refresh_token",))
     assert secret not in str(refused.value)
+
+
+# -- 2. privilege changes reach live sessions --------------------------------------------------
+
+
+def _changes(live: LiveServer) -> UserChanges:
+    """What the `users` and `sessions` commands run, on the live server's clock (the commands
+    themselves are run in test_cli.py)."""
+    info = RequestInfo("cli-test", None, "session-ledger command line")
+    return UserChanges(
+        live.pool, live.accounts, clock=live.clock.now, policy=live.settings.policy, info=info
+    )
+
+
+def _ends(live: LiveServer) -> list[object]:
+    return [e.data["reason"] for e in live.events("session:") if e.type == "SessionEnded"]
+
+
+def test_removing_a_scope_ends_the_sessions_that_hold_it_and_their_tokens_stop_working(
+    live: LiveServer,
+) -> None:
+    live.accounts.add_user("sec", PASSWORD, ("audit", "profile"))
+    audit = live.login(username="sec", scope="audit")
+    profile = live.login(username="sec", scope="profile")
+    assert live.get("/audit/events", headers=live.bearer(audit["access_token"])).status_code == 200
+
+    assert _changes(live).set_scopes("sec", ["profile"]) == 1
+
+    assert live.get("/audit/events", headers=live.bearer(audit["access_token"])).status_code == 401
+    assert live.refresh(audit["refresh_token"]).status_code == 400
+    assert live.refresh(profile["refresh_token"]).status_code == 200  # holds nothing it lost
+    assert _ends(live) == ["scopes_changed"]
+    [changed] = [e for e in live.events("principal:sec") if e.type == "UserScopesChanged"]
+    assert changed.data["scopes"] == ["profile"]
+
+
+def test_a_removed_and_recreated_user_has_no_old_session_left(
+    live: LiveServer, db_url: str
+) -> None:
+    live.accounts.add_user("sec", PASSWORD, ("audit",))
+    old = live.login(username="sec", scope="audit")
+    assert _changes(live).remove("sec") == 1
+    live.accounts.add_user("sec", "a new password entirely", ())
+    assert live.refresh(old["refresh_token"]).status_code == 400
+    assert live.get("/audit/events", headers=live.bearer(old["access_token"])).status_code == 401
+    assert _ends(live) == ["user_removed"]
+    assert "UserRemoved" in [e.type for e in live.events("principal:sec")]
+
+
+def test_a_new_password_ends_every_session_of_the_user(live: LiveServer) -> None:
+    first, second = live.login(), live.login()
+    assert _changes(live).set_password("ada", "brand new pw") == 2
+    assert [live.refresh(t["refresh_token"]).status_code for t in (first, second)] == [400, 400]
+    assert _ends(live) == ["password_changed"] * 2
+    assert "brand new pw" not in str([e.data for e in live.events()])
+    assert live.login(password="brand new pw")["access_token"]
+
+
+def test_sessions_revoke_ends_every_session_of_one_user(live: LiveServer) -> None:
+    adas, bobs = [live.login(), live.login()], live.login(username="bob")
+    assert _changes(live).revoke("ada") == 2
+    assert [live.refresh(t["refresh_token"]).status_code for t in adas] == [400, 400]
+    assert live.refresh(bobs["refresh_token"]).status_code == 200
+    assert _ends(live) == ["revoked", "revoked"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("DELETE FROM users WHERE name = 'ada'", "user_removed"),
+        ("UPDATE users SET scopes = '{}' WHERE name = 'ada'", "scopes_changed"),
+    ],
+)
+def test_a_refresh_rereads_the_account_and_never_grants_more_than_the_user_holds(
+    live: LiveServer, pool: ConnectionPool, change: str, reason: str
+) -> None:
+    tokens = live.login(scope="profile")
+    with pool.connection() as conn:  # a change that ended no session (by hand, or cut short)
+        conn.execute(change)
+    refused = live.refresh(tokens["refresh_token"])
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_grant"
+    assert "session has ended" in refused.json()["error_description"]
+    assert _ends(live) == [reason]
+    assert live.get("/sessions", headers=live.bearer(tokens["access_token"])).status_code == 401
 
 
 # -- 3. spoofed client addresses -------------------------------------------------------------------

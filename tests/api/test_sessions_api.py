@@ -9,7 +9,7 @@ import jwt
 import requests
 
 from api.keys import Sealer, rotate_keys
-from api.sessions import RequestInfo, SessionService
+from api.sessions import RequestInfo, SessionService, end_user_sessions
 from projections.session import Policy
 from tests.api.conftest import SECRET, LiveServer
 from tests.api.test_oauth import assert_oauth_error
@@ -174,8 +174,18 @@ def test_ending_all_sessions_goes_on_past_one_batch(live: LiveServer) -> None:
         live.clock.advance(timedelta(seconds=1))
     service: SessionService = live.app.state.service
     info = RequestInfo("end-all", "127.0.0.1", "test")
-    assert service.end_all("ada", info, batch_size=2) == 5
+    ended = end_user_sessions(
+        live.pool,
+        "ada",
+        "logout",
+        clock=live.clock.now,
+        policy=service.policy,
+        info=info,
+        batch_size=2,
+    )
+    assert ended == 5
     assert service.list_sessions("ada") == []
+    assert live.types().count("SessionEnded") == 5
 
 
 def test_bearer_endpoints_refuse_missing_and_bad_tokens(live: LiveServer) -> None:

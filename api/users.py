@@ -1,0 +1,105 @@
+"""Account changes that reach live sessions: removing a user, a new password, new scopes.
+
+Each change is an event on the user's principal stream (`UserRemoved`, `PasswordChanged`,
+`UserScopesChanged`), written with the account row in one transaction; then the sessions it
+affects end (`SessionEnded` with reason `user_removed`, `password_changed` or `scopes_changed`).
+Should that second step be cut short, a refresh re-reads the account and ends a session that
+outlived its user or holds a scope the user lost (api.sessions.lost_privilege), and
+`sessions revoke --user` ends the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from psycopg_pool import ConnectionPool
+
+from api.accounts import AccountError, Accounts
+from api.sessions import (
+    PASSWORD_CHANGED,
+    SCOPES_CHANGED,
+    USER_REMOVED,
+    RequestInfo,
+    end_user_sessions,
+)
+from ledger.db import translated_errors
+from ledger.events import Event, PasswordChanged, UserRemoved, UserScopesChanged
+from ledger.store import EventStore
+from projections import principal
+from projections.session import Policy
+from projections.sql.inline import load_principal, save_principal
+from projections.streams import principal_stream
+
+
+class UserChanges:
+    """The account changes above, on the database the accounts live in (the owner's URL)."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        accounts: Accounts,
+        *,
+        clock: Callable[[], datetime],
+        policy: Policy,
+        info: RequestInfo,
+    ) -> None:
+        self._pool, self._accounts, self._clock = pool, accounts, clock
+        self._policy, self._info = policy, info
+
+    def remove(self, name: str) -> int:
+        """Delete the user and end all their sessions; the count ended."""
+        query = "DELETE FROM users WHERE name = %s"
+        self._change(name, query, (name,), lambda at: UserRemoved(occurred_at=at))
+        return self.revoke(name, USER_REMOVED)
+
+    def set_password(self, name: str, password: str) -> int:
+        """Replace the user's password and end all their sessions; the count ended."""
+        hashed = self._accounts.password_hash(password)
+        query = "UPDATE users SET password_hash = %s WHERE name = %s"
+        self._change(name, query, (hashed, name), lambda at: PasswordChanged(occurred_at=at))
+        return self.revoke(name, PASSWORD_CHANGED)
+
+    def set_scopes(self, name: str, scopes: Sequence[str]) -> int:
+        """Give the user exactly `scopes`; end the sessions that hold any other; the count."""
+        held = self._accounts.checked_scopes(scopes)
+        query = "UPDATE users SET scopes = %s WHERE name = %s"
+
+        def changed(at: datetime) -> Event:
+            return UserScopesChanged(occurred_at=at, scopes=held)
+
+        self._change(name, query, (list(held), name), changed)
+        return self.revoke(name, SCOPES_CHANGED, beyond_scopes=held)
+
+    def revoke(
+        self, name: str, reason: str = "revoked", *, beyond_scopes: Sequence[str] | None = None
+    ) -> int:
+        """End every valid session of the user (with `beyond_scopes`, those holding a scope
+        outside it); the count ended. `sessions revoke --user` runs it."""
+        return end_user_sessions(
+            self._pool,
+            name,
+            reason,
+            clock=self._clock,
+            policy=self._policy,
+            info=self._info,
+            beyond_scopes=beyond_scopes,
+        )
+
+    def _change(
+        self,
+        name: str,
+        query: str,
+        params: tuple[object, ...],
+        event: Callable[[datetime], Event],
+    ) -> None:
+        store = EventStore(self._pool)
+        with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            state = load_principal(conn, name, for_update=True)
+            if conn.execute(query, params).rowcount != 1:
+                raise AccountError(f"user {name!r} does not exist")
+            changed = event(self._clock())
+            store.append(
+                principal_stream(name), state.version, [changed], self._info.metadata(), conn=conn
+            )
+            save_principal(conn, principal.evolve(state, changed))
