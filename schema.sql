@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
--- 5: client_lockouts; keyed client-secret hashes.
+-- 5: client_lockouts; keyed client-secret hashes; clients.scopes.
 INSERT INTO schema_version (version) VALUES (5) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
@@ -64,13 +64,15 @@ CREATE TABLE IF NOT EXISTS users (
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 
--- A client with a secret hash is confidential; one without is public.
+-- A client with a secret hash is confidential; one without is public. `scopes` are what the
+-- client itself may do (tokens:introspect), not what its users' tokens carry.
 CREATE TABLE IF NOT EXISTS clients (
     client_id   text PRIMARY KEY CHECK (client_id <> ''),
     secret_hash text,
     grants      text[]      NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS scopes text[] NOT NULL DEFAULT '{}';
 
 -- Access-token signing keys. private_key is PKCS#8 DER, sealed (AES-256-GCM under a key derived
 -- from LEDGER_KEY_ENCRYPTION_KEY) when `sealed`. A retired key stays for verification and the JWKS.

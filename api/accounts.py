@@ -61,11 +61,17 @@ class User:
     scopes: tuple[str, ...]
 
 
+INTROSPECT_SCOPE = "tokens:introspect"
+"""The client scope that lets a confidential client call POST /oauth/introspect."""
+
+
 @dataclass(frozen=True)
 class Client:
     client_id: str
     secret_hash: str | None
     grants: tuple[str, ...]
+    scopes: tuple[str, ...] = ()
+    """What the client itself may do (INTROSPECT_SCOPE), apart from its users' scopes."""
 
     @property
     def is_confidential(self) -> bool:
@@ -118,7 +124,13 @@ class Accounts:
                 raise AccountError(f"{scope!r} is not a valid scope (RFC 6749 §3.3)")
         return tuple(dict.fromkeys(scopes))
 
-    def add_client(self, client_id: str, secret: str | None, grants: tuple[str, ...]) -> Client:
+    def add_client(
+        self,
+        client_id: str,
+        secret: str | None,
+        grants: tuple[str, ...],
+        scopes: tuple[str, ...] = (),
+    ) -> Client:
         _check_name(client_id, "client id")
         unknown = [g for g in grants if g not in GRANTS]
         if unknown or not grants:
@@ -128,12 +140,15 @@ class Accounts:
                 f"the client secret has about {bits:.0f} bits; at least {MIN_SECRET_BITS} are"
                 " needed (a confidential client without a supplied secret gets a generated one)"
             )
+        if INTROSPECT_SCOPE in scopes and secret is None:
+            raise AccountError(f"only a confidential client may hold {INTROSPECT_SCOPE}")
         secret_hash = None if secret is None else self.secret_hash(secret)
-        client = Client(client_id, secret_hash, tuple(dict.fromkeys(grants)))
+        granted = self.checked_scopes(scopes)
+        client = Client(client_id, secret_hash, tuple(dict.fromkeys(grants)), granted)
         self._insert(
-            "INSERT INTO clients (client_id, secret_hash, grants) VALUES (%s, %s, %s)"
+            "INSERT INTO clients (client_id, secret_hash, grants, scopes) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT DO NOTHING",
-            (client.client_id, client.secret_hash, list(client.grants)),
+            (client.client_id, client.secret_hash, list(client.grants), list(client.scopes)),
             f"client {client_id!r} already exists",
         )
         return client
@@ -203,7 +218,7 @@ class Accounts:
                 raise AccountError(exists)
 
 
-_CLIENT = "SELECT client_id, secret_hash, grants FROM clients WHERE client_id = %s"
+_CLIENT = "SELECT client_id, secret_hash, grants, scopes FROM clients WHERE client_id = %s"
 
 
 class ClientDirectory:
@@ -243,7 +258,7 @@ class ClientDirectory:
 
 
 def _client(row: tuple[Any, ...]) -> Client:
-    return Client(row[0], row[1], tuple(row[2]))
+    return Client(row[0], row[1], tuple(row[2]), tuple(row[3]))
 
 
 def secret_bits(secret: str) -> float:

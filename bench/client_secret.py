@@ -37,7 +37,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from api.accounts import GRANTS, PRODUCTION_HASHER, Accounts, Client
+from api.accounts import GRANTS, INTROSPECT_SCOPE, PRODUCTION_HASHER, Accounts, Client
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from bench.append import load_average, scratch_run
 from bench.refresh import (
@@ -112,11 +112,13 @@ def _secret_key(pool: ConnectionPool) -> bytes:
 
 
 def create_clients(pool: ConnectionPool) -> None:
-    Accounts(pool, secret_key=_secret_key(pool)).add_client(KEYED, SECRET, GRANTS)
+    Accounts(pool, secret_key=_secret_key(pool)).add_client(
+        KEYED, SECRET, GRANTS, (INTROSPECT_SCOPE,)
+    )
     with pool.connection() as conn:
         conn.execute(
-            "INSERT INTO clients (client_id, secret_hash, grants) VALUES (%s, %s, %s)",
-            (LEGACY, PRODUCTION_HASHER.hash(SECRET), list(GRANTS)),
+            "INSERT INTO clients (client_id, secret_hash, grants, scopes) VALUES (%s, %s, %s, %s)",
+            (LEGACY, PRODUCTION_HASHER.hash(SECRET), list(GRANTS), [INTROSPECT_SCOPE]),
         )
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from api.accounts import GRANTS, AccountError, Accounts
+from api.accounts import GRANTS, INTROSPECT_SCOPE, AccountError, Accounts
 from api.cli.support import failures_exit_2, prepare_database
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.sessions import RequestInfo
@@ -130,6 +130,14 @@ def clients_add(
         list[str] | None,
         typer.Option("--grant", help="A grant type the client may use; repeat for more."),
     ] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            help=f"A client scope (such as {INTROSPECT_SCOPE}, which lets a confidential client"
+            " introspect tokens); repeat for more.",
+        ),
+    ] = None,
 ) -> None:
     """Create a client. A confidential one without --secret-stdin gets a generated secret,
     printed once. Grants default to password and refresh_token."""
@@ -141,7 +149,7 @@ def clients_add(
     elif generated:
         secret = secrets.token_urlsafe(32)
     with failures_exit_2(), _accounts(secret_key=confidential) as accounts:
-        accounts.add_client(client_id, secret, tuple(grant or GRANTS))
+        accounts.add_client(client_id, secret, tuple(grant or GRANTS), tuple(scope or ()))
     kind = "confidential" if confidential else "public"
     typer.echo(f"{kind} client {client_id} created")
     if generated:

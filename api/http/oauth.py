@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import GRANTS, Client
+from api.accounts import GRANTS, INTROSPECT_SCOPE, Client
 from api.clients import ClientAuthentication
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
@@ -65,6 +65,10 @@ async def introspect(request: Request, service: Service, info: Info) -> JSONResp
     client = await _authenticate_client(request, form, info)
     if not client.is_confidential:
         raise InvalidClient("introspection needs a confidential client")
+    if INTROSPECT_SCOPE not in client.scopes:
+        raise UnauthorizedClient(
+            f"this client may not introspect tokens; it needs the client scope {INTROSPECT_SCOPE}"
+        )
     token_value = required(form, "token")
     body = await service.introspect(token_value, form.get("token_type_hint"))
     return JSONResponse(body, headers=NO_STORE)

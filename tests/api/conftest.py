@@ -16,7 +16,7 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
-from api.accounts import Accounts
+from api.accounts import INTROSPECT_SCOPE, Accounts
 from api.http.app import create_app
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.ratelimit import RateLimit
@@ -134,7 +134,7 @@ def accounts(pool: ConnectionPool) -> Accounts:
     accounts.add_user("ada", PASSWORD, ("profile", "email"))
     accounts.add_user("bob", PASSWORD, ("profile",))
     accounts.add_client("spa", None, ("password", "refresh_token"))
-    accounts.add_client("backend", SECRET, ("password", "refresh_token"))
+    accounts.add_client("backend", SECRET, ("password", "refresh_token"), (INTROSPECT_SCOPE,))
     accounts.add_client("refresh-only", None, ("refresh_token",))
     return accounts
 

@@ -15,6 +15,7 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 8. Two refresh cookies in one request: the last one was used.
 9. Claims the verification ignored: nbf, a future iat (in test_tokens.py), and sub and client_id
    against the session row (here).
+14. Any confidential client could introspect any client's tokens.
 (12, the demo account on a shared database, is in test_serve.py, which runs `serve` itself.)
 """
 
@@ -35,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from api.accounts import MIN_SECRET_BITS, AccountError, Accounts, secret_bits
+from api.accounts import INTROSPECT_SCOPE, MIN_SECRET_BITS, AccountError, Accounts, secret_bits
 from api.http.browser import REFRESH_COOKIE
 from api.http.dependencies import client_address
 from api.keys import Sealer, load_keyring
@@ -175,8 +176,8 @@ def test_a_legacy_argon2_client_secret_still_works_and_is_replaced_by_its_keyed_
     legacy = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("old-secret-123456")
     with pool.connection() as conn:
         conn.execute(
-            "INSERT INTO clients (client_id, secret_hash, grants) VALUES (%s, %s, %s)",
-            ("old", legacy, ["refresh_token"]),
+            "INSERT INTO clients (client_id, secret_hash, grants, scopes) VALUES (%s, %s, %s, %s)",
+            ("old", legacy, ["refresh_token"], [INTROSPECT_SCOPE]),
         )
     assert _introspect(live, "wrong-secret", client_id="old").status_code == 401
     assert _stored_hash(pool, "old") == legacy  # a wrong secret changes nothing
@@ -576,6 +577,32 @@ def test_a_signed_token_whose_sub_or_client_id_differs_from_its_session_is_refus
     assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
     introspected = live.post("/oauth/introspect", data={"token": forged}, auth=("backend", SECRET))
     assert introspected.json() == {"active": False}
+
+
+# -- 14. introspection permission ------------------------------------------------------------------
+
+
+def test_introspection_needs_the_tokens_introspect_client_scope(live: LiveServer) -> None:
+    token = live.login()["access_token"]
+    live.accounts.add_client(
+        "other-backend", "Xq7-vT2_pL9wZr4KmN8sB3yH6jD1cF5g-2", ("refresh_token",)
+    )
+    refused = live.post(
+        "/oauth/introspect",
+        data={"token": token},
+        auth=("other-backend", "Xq7-vT2_pL9wZr4KmN8sB3yH6jD1cF5g-2"),
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "unauthorized_client"
+    assert INTROSPECT_SCOPE in refused.json()["error_description"]
+    assert "active" not in refused.json()
+    allowed = live.post("/oauth/introspect", data={"token": token}, auth=("backend", SECRET))
+    assert allowed.json()["active"] is True
+
+
+def test_a_public_client_cannot_be_given_the_introspection_scope(pool: ConnectionPool) -> None:
+    with pytest.raises(AccountError, match="only a confidential client"):
+        Accounts(pool).add_client("spa-2", None, ("refresh_token",), (INTROSPECT_SCOPE,))
 
 
 # -- 11. framework defaults ----------------------------------------------------------------------
