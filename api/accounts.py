@@ -274,6 +274,11 @@ def secret_bits(secret: str) -> float:
     return len(secret) * math.log2(alphabet)
 
 
+def is_account_name(name: str) -> bool:
+    """Whether `name` could be a user name or client id (see _check_name)."""
+    return _NAME.fullmatch(name) is not None
+
+
 def _check_name(name: str, what: str) -> None:
     if not _NAME.fullmatch(name):
         raise AccountError(f"{what} {name!r} must be 1 to 128 letters, digits or . _ @ + -")

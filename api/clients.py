@@ -17,7 +17,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from api.accounts import Accounts, Client, ClientDirectory
+from api.accounts import Accounts, Client, ClientDirectory, is_account_name
 from api.errors import InvalidClient, TooManyAttempts
 from api.ratelimit import RateLimit, address_key, admit
 from api.sessions import Failure, RequestInfo, record_failure
@@ -69,6 +69,11 @@ class ClientAuthentication:
                 raise InvalidClient(BAD_CLIENT)
             return client
         await self._admit(client_id, info)
+        if not is_account_name(client_id):
+            # No client can have this id: it counts against the address, and names no stream
+            # (it could be 16 KiB long).
+            await asyncio.to_thread(self._throttle.take, info.ip, self._clock())
+            raise InvalidClient(BAD_CLIENT)
         if client is not None and client.has_legacy_secret:
             accepted = await asyncio.to_thread(self._accounts.check_legacy_secret, client, secret)
         else:

@@ -149,6 +149,16 @@ def test_an_unknown_client_id_is_answered_and_recorded_as_a_wrong_secret_is(
     assert _introspect(live, SECRET).status_code == 429
 
 
+def test_an_impossible_client_id_counts_against_the_address_but_names_no_stream(
+    live_factory: LiveFactory,
+) -> None:
+    live = live_factory(address_logins=FIVE_A_MINUTE)
+    huge = "x" * 10_000
+    assert [_introspect(live, "guess", client_id=huge).status_code for _ in range(5)] == [401] * 5
+    assert _introspect(live, SECRET).status_code == 429
+    assert not [e for e in live.events("client:") if len(e.stream_id) > 200]
+
+
 def test_a_public_client_that_sends_a_secret_is_refused_and_recorded(live: LiveServer) -> None:
     response = _introspect(live, "anything", client_id="spa")
     assert response.status_code == 401
