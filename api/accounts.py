@@ -280,5 +280,5 @@ def is_account_name(name: str) -> bool:
 
 
 def _check_name(name: str, what: str) -> None:
-    if not _NAME.fullmatch(name):
+    if not is_account_name(name):
         raise AccountError(f"{what} {name!r} must be 1 to 128 letters, digits or . _ @ + -")

@@ -63,15 +63,15 @@ class ClientAuthentication:
     async def authenticate(self, client_id: str, secret: str | None, info: RequestInfo) -> Client:
         """The registered client, if the request authenticates as it; else InvalidClient (or
         TooManyAttempts for an address out of attempts)."""
-        client = await self._clients.client(client_id)
+        # An id no client can have (it could be 16 KiB long) is looked up nowhere.
+        possible = is_account_name(client_id)
+        client = await self._clients.client(client_id) if possible else None
         if secret is None:
             if client is None or client.is_confidential:
                 raise InvalidClient(BAD_CLIENT)
             return client
-        await self._admit(client_id, info)
-        if not is_account_name(client_id):
-            # No client can have this id: it counts against the address, and names no stream
-            # (it could be 16 KiB long).
+        await self._admit(client_id if possible else None, info)
+        if not possible:  # it counts against the address, and names no stream
             await asyncio.to_thread(self._throttle.take, info.ip, self._clock())
             raise InvalidClient(BAD_CLIENT)
         if client is not None and client.has_legacy_secret:
@@ -86,7 +86,9 @@ class ClientAuthentication:
         await asyncio.to_thread(self._record, client_id, reason, info)
         raise InvalidClient(BAD_CLIENT)
 
-    async def _admit(self, client_id: str, info: RequestInfo) -> None:
+    async def _admit(self, client_id: str | None, info: RequestInfo) -> None:
+        """Refuse before any secret is checked: 429 for an address out of attempts, 401 (and a
+        `locked` failure) for a locked client; `client_id` None checks the address alone."""
         now = self._clock()
         with translated_errors():
             async with self._apool.connection() as conn:
@@ -100,7 +102,7 @@ class ClientAuthentication:
             raise TooManyAttempts(
                 "too many failed attempts from this address", decision.retry_after
             )
-        if locked_until is not None and now < locked_until:
+        if client_id is not None and locked_until is not None and now < locked_until:
             await asyncio.to_thread(self._record, client_id, LOCKED, info)
             raise InvalidClient(BAD_CLIENT)
 

@@ -378,7 +378,7 @@ class SessionService:
             if state is None:
                 return None
             decision = decide(state, self._now(state))
-            self._apply(conn, state, decision, info)
+            apply_decision(self._store, conn, state, decision, info)
         return decision
 
     async def _session_async(self, session_id: str) -> SessionState | None:
@@ -391,20 +391,6 @@ class SessionService:
         for another one decides after it, and a stream's times never run backwards (not even
         when servers' clocks disagree)."""
         return max(self.clock(), session.last_event_at(state))
-
-    def _apply(
-        self, conn: Connection, state: SessionState, decision: Decision, info: RequestInfo
-    ) -> SessionState:
-        if not decision.events:
-            return state
-        meta = info.metadata(state.client_id)
-        self._store.append(
-            _stream(state.session_id), state.version, decision.events, meta, conn=conn
-        )
-        for event in decision.events:
-            state = session.evolve(state, state.session_id, event)
-        save_session(conn, state)
-        return state
 
     async def _apply_async(
         self, tx: PipelinedTransaction, state: SessionState, decision: Decision, info: RequestInfo
@@ -448,6 +434,21 @@ class SessionService:
             yield conn
 
 
+def apply_decision(
+    store: EventStore, conn: Connection, state: SessionState, decision: Decision, info: RequestInfo
+) -> SessionState:
+    """Append the decision's events and save the folded row, in the caller's transaction (which
+    holds the row's lock)."""
+    if not decision.events:
+        return state
+    meta = info.metadata(state.client_id)
+    store.append(_stream(state.session_id), state.version, decision.events, meta, conn=conn)
+    for event in decision.events:
+        state = session.evolve(state, state.session_id, event)
+    save_session(conn, state)
+    return state
+
+
 def end_user_sessions(
     pool: ConnectionPool,
     user: str,
@@ -478,18 +479,7 @@ def end_user_sessions(
             for state in batch:
                 now = max(clock(), session.last_event_at(state))
                 decision = session.decide_end(state, reason, now, policy)
-                if not decision.events:
-                    continue
-                store.append(
-                    _stream(state.session_id),
-                    state.version,
-                    decision.events,
-                    info.metadata(state.client_id),
-                    conn=conn,
-                )
-                for event in decision.events:
-                    state = session.evolve(state, state.session_id, event)
-                save_session(conn, state)
+                apply_decision(store, conn, state, decision, info)
                 ended += decision.outcome is Outcome.OK
         if len(batch) < batch_size:
             return ended

@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from psycopg_pool import ConnectionPool
-
 from api.accounts import AccountError, Accounts
 from api.sessions import (
     PASSWORD_CHANGED,
@@ -37,14 +35,13 @@ class UserChanges:
 
     def __init__(
         self,
-        pool: ConnectionPool,
         accounts: Accounts,
         *,
         clock: Callable[[], datetime],
         policy: Policy,
         info: RequestInfo,
     ) -> None:
-        self._pool, self._accounts, self._clock = pool, accounts, clock
+        self._pool, self._accounts, self._clock = accounts.pool, accounts, clock
         self._policy, self._info = policy, info
 
     def remove(self, name: str) -> int:

@@ -51,7 +51,7 @@ from bench.refresh import (
     progress,
     serving,
 )
-from bench.soak import _memory
+from bench.soak import process_memory
 from ledger.db import open_pool
 
 LEGACY, KEYED = "bench-legacy", "bench-keyed"
@@ -165,7 +165,7 @@ async def _flood(server_pid: int, port: int, client_id: str, callers: int, secon
 
 
 def _busiest(server_pid: int) -> int:
-    memory = _memory(server_pid)
+    memory = process_memory(server_pid)
     workers = [kib for pid, kib in memory.items() if pid != server_pid]
     return max(workers, default=0)
 

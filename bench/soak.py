@@ -261,7 +261,7 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
 
 
-def _memory(parent: int) -> dict[int, int]:
+def process_memory(parent: int) -> dict[int, int]:
     """VmRSS in KiB of serve's supervisor and of each of its children."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     found = {}
@@ -283,7 +283,7 @@ async def _sample_memory(parent: int, moments: Sequence[float]) -> Memory:
     taken = []
     for moment in moments:
         await asyncio.sleep(max(0.0, moment - time.perf_counter()))
-        taken.append(_memory(parent))
+        taken.append(process_memory(parent))
     roles = {pid: _role(pid, parent) for pid in taken[0]}
     return Memory(roles, taken[0], taken[-1])
 

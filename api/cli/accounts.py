@@ -104,7 +104,6 @@ def _user_changes() -> Iterator[UserChanges]:
     info = RequestInfo(f"cli-{uuid.uuid4()}", None, "session-ledger command line")
     with _accounts() as accounts:
         yield UserChanges(
-            accounts.pool,
             accounts,
             clock=lambda: datetime.now(UTC),
             policy=settings.policy,

@@ -94,6 +94,9 @@ def test_a_successful_client_authentication_costs_the_address_nothing(
     live = live_factory(address_logins=FIVE_A_MINUTE)
     assert [_introspect(live, SECRET).status_code for _ in range(8)] == [200] * 8
     assert _introspect(live, "a wrong one").status_code == 401
+    # All five attempts were still there: four more failures, then the bucket is empty.
+    assert [_introspect(live, f"wrong-{n}").status_code for n in range(4)] == [401] * 4
+    assert _introspect(live, SECRET).status_code == 429
 
 
 def test_wrong_client_secrets_lock_the_client_with_an_event_and_the_lock_ends_with_its_window(
@@ -239,9 +242,7 @@ def _changes(live: LiveServer) -> UserChanges:
     """What the `users` and `sessions` commands run, on the live server's clock (the commands
     themselves are run in test_cli.py)."""
     info = RequestInfo("cli-test", None, "session-ledger command line")
-    return UserChanges(
-        live.pool, live.accounts, clock=live.clock.now, policy=live.settings.policy, info=info
-    )
+    return UserChanges(live.accounts, clock=live.clock.now, policy=live.settings.policy, info=info)
 
 
 def _ends(live: LiveServer) -> list[object]:
