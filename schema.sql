@@ -9,8 +9,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
--- 5: client_lockouts; keyed client-secret hashes; clients.scopes.
-INSERT INTO schema_version (version) VALUES (5) ON CONFLICT DO NOTHING;
+-- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key.
+INSERT INTO schema_version (version) VALUES (6) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -63,6 +63,28 @@ CREATE TABLE IF NOT EXISTS users (
     scopes        text[]      NOT NULL DEFAULT '{}',
     created_at    timestamptz NOT NULL DEFAULT now()
 );
+-- The look-alike key no two users share, api.accounts.name_key in SQL: case folded (names are
+-- ASCII), then I, i, 1 → l; 0 → o; m → rn (UTS #39's confusables among a name's characters).
+ALTER TABLE users ADD COLUMN IF NOT EXISTS name_key text NOT NULL GENERATED ALWAYS AS
+    (replace(translate(lower(name COLLATE "C"), 'i10', 'llo'), 'm', 'rn')) STORED;
+DO $$
+DECLARE
+    alike text;
+BEGIN
+    -- Users created before the key existed may collide; the index cannot be built until one of
+    -- each group is renamed or removed, and the error names them.
+    SELECT string_agg(names, '; ' ORDER BY names COLLATE "C") INTO alike FROM (
+        SELECT string_agg(quote_literal(name), ', ' ORDER BY name COLLATE "C") AS names
+        FROM users GROUP BY name_key HAVING count(*) > 1
+    ) AS groups;
+    IF alike IS NOT NULL AND to_regclass('users_name_key_idx') IS NULL THEN
+        RAISE EXCEPTION 'user names that differ only in case or by look-alike characters: %', alike
+            USING HINT = 'remove all but one of each group (session-ledger users remove NAME'
+                ' with the previous version) and apply the schema again';
+    END IF;
+END
+$$;
+CREATE UNIQUE INDEX IF NOT EXISTS users_name_key_idx ON users (name_key);
 
 -- A client with a secret hash is confidential; one without is public. `scopes` are what the
 -- client itself may do (tokens:introspect), not what its users' tokens carry.

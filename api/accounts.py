@@ -6,6 +6,12 @@ its verifier can be fast: HMAC-SHA-256 under the server secret `client_secret_ke
 constant time. A slow hash would only hand whoever sends wrong secrets a way to exhaust the
 server's memory and cores. Secrets stored before this as argon2id hashes are verified that way
 once more, and replaced by their keyed hash on that first successful use.
+
+A user name is one account whatever its case or Unicode form: logins, and the commands that name
+a user, look it up by its normalised form (normal_name: NFKC, case-folded). No two users may share
+a look-alike key either (name_key: the normal form with the confusables UTS #39 lists among the
+characters a name may hold folded together), so neither `LOCKME` nor `I0ckme` can sit beside
+`lockme`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import re
 import secrets
 import string
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,14 +107,27 @@ class Accounts:
         self._secret_key = secret_key
 
     def add_user(self, name: str, password: str, scopes: tuple[str, ...] = ()) -> User:
+        """Create the user; AccountError when the name is taken, even in another case or by a
+        look-alike (name_key)."""
         _check_name(name, "user name")
         user = User(name, self.password_hash(password), self.checked_scopes(scopes))
-        self._insert(
-            "INSERT INTO users (name, password_hash, scopes) VALUES (%s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
-            (user.name, user.password_hash, list(user.scopes)),
-            f"user {name!r} already exists",
-        )
+        with translated_errors(), self.pool.connection() as conn:
+            inserted = conn.execute(
+                "INSERT INTO users (name, password_hash, scopes) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (user.name, user.password_hash, list(user.scopes)),
+            ).rowcount
+            if inserted == 0:
+                row = conn.execute(
+                    "SELECT name FROM users WHERE name_key = %s", (name_key(name),)
+                ).fetchone()
+                taken = name if row is None else row[0]
+                if taken == name:
+                    raise AccountError(f"user {name!r} already exists")
+                raise AccountError(
+                    f"user name {name!r} is too like the existing user {taken!r} (names are"
+                    " case-insensitive, and I, i, 1 and l, 0 and o, m and rn count as the same)"
+                )
         return user
 
     def password_hash(self, password: str) -> str:
@@ -154,10 +174,9 @@ class Accounts:
         return client
 
     def user(self, name: str) -> User | None:
+        """The user `name` names in any case or Unicode form (normal_name), or None."""
         with translated_errors(), self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT name, password_hash, scopes FROM users WHERE name = %s", (name,)
-            ).fetchone()
+            row = conn.execute(_USER, (name_key(name), normal_name(name))).fetchone()
         return None if row is None else User(row[0], row[1], tuple(row[2]))
 
     def client(self, client_id: str) -> Client | None:
@@ -218,6 +237,11 @@ class Accounts:
                 raise AccountError(exists)
 
 
+# The unique index on name_key finds the one candidate; the second test keeps only the very name.
+_USER = (
+    "SELECT name, password_hash, scopes FROM users"
+    ' WHERE name_key = %s AND lower(name COLLATE "C") = %s'
+)
 _CLIENT = "SELECT client_id, secret_hash, grants, scopes FROM clients WHERE client_id = %s"
 
 
@@ -272,6 +296,26 @@ def secret_bits(secret: str) -> float:
     if any(not c.isascii() for c in secret):
         alphabet += 128
     return len(secret) * math.log2(alphabet)
+
+
+def normal_name(name: str) -> str:
+    """The form a user name is known by: NFKC, case-folded, NFKC again (Unicode's
+    NFKC_Casefold, closely), so `ADA` and `ada` in full-width letters both name `ada`."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def name_key(name: str) -> str:
+    """The look-alike key two user names may not share: normal_name with the characters that
+    Unicode's confusables.txt (UTS #39) maps together among those a name may hold folded to
+    one: I, i and 1 to l; 0 to o; m to rn. Case is folded first, so `I0ckme` and `LOCKME` both
+    meet `lockme`. schema.sql computes the same key for the users.name_key column."""
+    return normal_name(name).translate(_LOOK_ALIKES)
+
+
+# The prototypes of confusables.txt whose source and target are both characters of _NAME
+# (`1` and `I` → `l`, `0` → `O`, `m` → `rn`), after case folding; `i` joins `l` because a
+# case-insensitive name may be written `I`.
+_LOOK_ALIKES = str.maketrans({"i": "l", "1": "l", "0": "o", "m": "rn"})
 
 
 def is_account_name(name: str) -> bool:

@@ -6,17 +6,17 @@ projection row lock, so any number of workers behave like one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from api.accounts import Accounts, Client
+from api.accounts import Accounts, Client, normal_name
 from api.errors import InvalidGrant, InvalidScope, InvalidToken
 from api.keys import KEY_CHANGE_MARGIN, KeyRing, Sealer, load_keyring, load_server_secret
 from api.settings import Settings
@@ -31,6 +31,7 @@ from api.tokens import (
     verify_access_token,
 )
 from ledger.db import translated_errors
+from ledger.errors import ConcurrencyConflict
 from ledger.events import BrowserRequestRefused
 from ledger.store import EventStore, PipelinedTransaction, Stream, pipelined
 from projections import principal, session
@@ -160,10 +161,12 @@ class SessionService:
     ) -> TokenGrant:
         self._throttle.take(info.ip, self.clock())
         user = self._accounts.user(username)
+        # Every spelling of a name (in any case, or full-width) shares one principal and lockout.
+        name = normal_name(username) if user is None else user.name
         refusal = None
         with self._transaction() as conn:
             # The principal row lock makes parallel guesses queue, so none slips past a lockout.
-            state = load_principal(conn, username, for_update=True)
+            state = load_principal(conn, name, for_update=True)
             now = self.clock()  # read under the lock, so the principal's events stay in order
             if principal.is_locked(state, now):
                 refusal = principal.LOCKED, "too many failed logins; try again later"
@@ -196,6 +199,11 @@ class SessionService:
 
     async def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
         session_id, generation = self._parse_refresh(token)
+        return await _retried(lambda: self._refresh(session_id, generation, client, info))
+
+    async def _refresh(
+        self, session_id: str, generation: int, client: Client, info: RequestInfo
+    ) -> TokenGrant:
         # The successor; a retry in grace gets it again, as the presented token's successor is
         # then the session's current token (tokens are a MAC of session id and generation).
         next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
@@ -244,8 +252,11 @@ class SessionService:
         now = self.clock()
         if now - state.last_activity < self._policy.activity_debounce:
             return  # debounced without a transaction: the common case stays read-only
+        await _retried(lambda: self._record_activity(state.session_id, info))
+
+    async def _record_activity(self, session_id: str, info: RequestInfo) -> None:
         async with pipelined(self._apool) as tx:
-            locked = await load_session_async(tx.conn, state.session_id, for_update=True)
+            locked = await load_session_async(tx.conn, session_id, for_update=True)
             if locked is not None:
                 decision = session.decide_activity(locked, self._now(locked), self._policy)
                 await self._apply_async(tx, locked, decision, info)
@@ -373,6 +384,17 @@ class SessionService:
         info: RequestInfo,
         decide: Callable[[SessionState, datetime], Decision],
     ) -> Decision | None:
+        for _ in range(LOST_RACE_ATTEMPTS - 1):
+            with suppress(ConcurrencyConflict):
+                return self._decide_once(session_id, info, decide)
+        return self._decide_once(session_id, info, decide)
+
+    def _decide_once(
+        self,
+        session_id: str,
+        info: RequestInfo,
+        decide: Callable[[SessionState, datetime], Decision],
+    ) -> Decision | None:
         with self._transaction() as conn:
             state = load_session(conn, session_id, for_update=True)
             if state is None:
@@ -432,6 +454,21 @@ class SessionService:
     def _connection(self) -> Iterator[Connection]:
         with translated_errors(), self._pool.connection() as conn:
             yield conn
+
+
+T = TypeVar("T")
+LOST_RACE_ATTEMPTS = 3
+"""Tries of a decision on a locked session that lost a race it could not see: transactions
+waiting for one row lock may be handed their ids in another order than the lock's, and the
+event-ordering rule (DESIGN.md) then refuses the append of the one whose id is older
+(ConcurrencyConflict). Each try is a new transaction, with a new id, deciding afresh."""
+
+
+async def _retried(attempt: Callable[[], Awaitable[T]]) -> T:
+    for _ in range(LOST_RACE_ATTEMPTS - 1):
+        with suppress(ConcurrencyConflict):
+            return await attempt()
+    return await attempt()
 
 
 def apply_decision(

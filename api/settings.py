@@ -44,7 +44,8 @@ class Settings:
     """`aud` of access tokens (LEDGER_AUDIENCE)."""
     policy: Policy = field(default_factory=Policy)
     """Session rules (LEDGER_ACCESS_TOKEN_TTL, LEDGER_IDLE_TIMEOUT, LEDGER_ABSOLUTE_TIMEOUT,
-    LEDGER_REFRESH_GRACE, LEDGER_ACTIVITY_DEBOUNCE, LEDGER_REFRESH_COUNTS_AS_ACTIVITY)."""
+    LEDGER_REFRESH_GRACE, LEDGER_ACTIVITY_DEBOUNCE, LEDGER_REFRESH_COUNTS_AS_ACTIVITY,
+    LEDGER_REFRESH_GRACE_SAME_CLIENT)."""
     lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     """Failed-login lockout (LEDGER_LOGIN_MAX_FAILURES, LEDGER_LOGIN_FAILURE_WINDOW)."""
     client_lockout: LockoutPolicy = field(default_factory=lambda: CLIENT_LOCKOUT)
@@ -100,6 +101,7 @@ class Settings:
                 env, "LEDGER_ACTIVITY_DEBOUNCE", defaults.activity_debounce, zero=True
             ),
             refresh_counts_as_activity=_flag(env, "LEDGER_REFRESH_COUNTS_AS_ACTIVITY", True),
+            refresh_grace_same_client=_flag(env, "LEDGER_REFRESH_GRACE_SAME_CLIENT", False),
         )
         return cls(
             database_url=_optional_text(env, "LEDGER_DATABASE_URL"),

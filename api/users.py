@@ -46,12 +46,14 @@ class UserChanges:
 
     def remove(self, name: str) -> int:
         """Delete the user and end all their sessions; the count ended."""
+        name = self._named(name)
         query = "DELETE FROM users WHERE name = %s"
         self._change(name, query, (name,), lambda at: UserRemoved(occurred_at=at))
         return self.revoke(name, USER_REMOVED)
 
     def set_password(self, name: str, password: str) -> int:
         """Replace the user's password and end all their sessions; the count ended."""
+        name = self._named(name)
         hashed = self._accounts.password_hash(password)
         query = "UPDATE users SET password_hash = %s WHERE name = %s"
         self._change(name, query, (hashed, name), lambda at: PasswordChanged(occurred_at=at))
@@ -59,6 +61,7 @@ class UserChanges:
 
     def set_scopes(self, name: str, scopes: Sequence[str]) -> int:
         """Give the user exactly `scopes`; end the sessions that hold any other; the count."""
+        name = self._named(name)
         held = self._accounts.checked_scopes(scopes)
         query = "UPDATE users SET scopes = %s WHERE name = %s"
 
@@ -75,13 +78,19 @@ class UserChanges:
         outside it); the count ended. `sessions revoke --user` runs it."""
         return end_user_sessions(
             self._pool,
-            name,
+            self._named(name),
             reason,
             clock=self._clock,
             policy=self._policy,
             info=self._info,
             beyond_scopes=beyond_scopes,
         )
+
+    def _named(self, name: str) -> str:
+        """The user's own name for any spelling of it (Accounts.user); a user that no longer
+        exists keeps the name given, whose sessions may still be ended."""
+        user = self._accounts.user(name)
+        return name if user is None else user.name
 
     def _change(
         self,

@@ -192,13 +192,39 @@ class ActivityRecorded(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RefreshTokenRetried(Event):
+    """The previous refresh token was presented again within the grace window and got the
+    current one again: two tabs or a lost response, or a thief who was quick. `generation` is
+    the presented one; `ip` and `user_agent` are the retrying request's, kept as evidence."""
+
+    generation: int
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RefreshTokenReuseDetected(Event):
-    """A rotated refresh token was presented again outside the grace window."""
+    """A rotated refresh token was presented again outside the grace window (or, with
+    LEDGER_REFRESH_GRACE_SAME_CLIENT, from another user agent within it).
+
+    The evidence: `first_use` (the rotation that retired the presented token), `grace_retries`
+    (the session's retries in grace that its state still keeps, each with the generation it
+    presented) and `reuse` (this request), each with its time, address and user agent.
+    """
+
+    schema_version: ClassVar[int] = 2
 
     presented_generation: int
     current_generation: int
     first_use: dict[str, JsonValue]
+    grace_retries: tuple[dict[str, JsonValue], ...]
     reuse: dict[str, JsonValue]
+
+
+@upcaster("RefreshTokenReuseDetected", 1)
+def _reuse_without_grace_retries(data: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    # Version 1 recorded nothing of grace retries, as none were recorded as events then.
+    return {**data, "grace_retries": []}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ the events to append with the outcome; they never read a clock or touch storage.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import Any
 from ledger.events import (
     ActivityRecorded,
     Event,
+    RefreshTokenRetried,
     RefreshTokenReuseDetected,
     RefreshTokenRotated,
     SessionEnded,
@@ -35,6 +37,8 @@ class Policy:
     refresh_grace: timedelta = timedelta(seconds=10)
     activity_debounce: timedelta = timedelta(seconds=60)
     refresh_counts_as_activity: bool = True
+    refresh_grace_same_client: bool = False
+    """Grant the grace only to a retry with the first use's user agent; any other is reuse."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -54,14 +58,29 @@ ROTATIONS_KEPT = 32
 loop does not grow without bound. Reuse of an older generation is still detected."""
 
 
+RETRIES_KEPT = 16
+"""The grace retries of a retired token that a state keeps as reuse evidence: the first ones and
+the latest (whose time last_event_at needs). The event log holds every one."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The retired token presented again within the grace window: when, and from where."""
+
+    at: datetime
+    ip: str | None
+    user_agent: str | None
+
+
 @dataclass(frozen=True)
 class Rotation:
-    """One refresh: the generation it retired, when, and from where."""
+    """One refresh: the generation it retired, when, from where, and its retries in grace."""
 
     retired_generation: int
     at: datetime
     ip: str | None
     user_agent: str | None
+    retries: tuple[Retry, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +163,8 @@ def evolve(state: SessionState | None, session_id: str, event: Event) -> Session
                 generation=event.generation,
                 rotations=(*state.rotations, rotation)[-ROTATIONS_KEPT:],
             )
+        case RefreshTokenRetried():
+            return _with(state, version=version, rotations=_retried(state.rotations, event))
         case SessionEnded():
             return _with(
                 state, version=version, ended_at=event.occurred_at, end_reason=event.reason
@@ -153,6 +174,17 @@ def evolve(state: SessionState | None, session_id: str, event: Event) -> Session
         case _:
             # Evidence such as RefreshTokenReuseDetected changes nothing but the version.
             return _with(state, version=version)
+
+
+def _retried(rotations: tuple[Rotation, ...], event: RefreshTokenRetried) -> tuple[Rotation, ...]:
+    """The rotations with the retry added to the latest, the one that retired the presented
+    token (decide_refresh grants the grace to the previous generation only)."""
+    if not rotations or rotations[-1].retired_generation != event.generation:
+        return rotations
+    latest = rotations[-1]
+    kept = latest.retries[: RETRIES_KEPT - 1]
+    retry = Retry(event.occurred_at, event.ip, event.user_agent)
+    return (*rotations[:-1], dataclasses.replace(latest, retries=(*kept, retry)))
 
 
 def _with(state: SessionState, **changes: Any) -> SessionState:
@@ -214,7 +246,8 @@ def last_event_at(state: SessionState) -> datetime:
     """When the latest event folded into the state happened."""
     latest = max(state.started_at, state.last_activity)
     if state.rotations:
-        latest = max(latest, state.rotations[-1].at)
+        rotation = state.rotations[-1]
+        latest = max(latest, rotation.retries[-1].at if rotation.retries else rotation.at)
     return latest if state.ended_at is None else max(latest, state.ended_at)
 
 
@@ -276,14 +309,23 @@ def decide_refresh(
         first_use is not None
         and presented_generation == state.generation - 1
         and now - first_use.at <= policy.refresh_grace
+        and (not policy.refresh_grace_same_client or user_agent == first_use.user_agent)
     )
     if in_grace:
-        return Decision((), Outcome.GRACE_RETRY)
+        retried = RefreshTokenRetried(
+            occurred_at=now, generation=presented_generation, ip=ip, user_agent=user_agent
+        )
+        return Decision((retried,), Outcome.GRACE_RETRY)
     evidence = RefreshTokenReuseDetected(
         occurred_at=now,
         presented_generation=presented_generation,
         current_generation=state.generation,
         first_use=_first_use(first_use),
+        grace_retries=tuple(
+            {"generation": rotation.retired_generation, **_request(r.at, r.ip, r.user_agent)}
+            for rotation in state.rotations
+            for r in rotation.retries
+        ),
         reuse=_request(now, ip, user_agent),
     )
     ended = SessionEnded(occurred_at=now, reason=Outcome.REUSE_DETECTED.value)

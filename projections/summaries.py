@@ -214,6 +214,7 @@ def alert_for(
             "presented_generation": event.presented_generation,
             "current_generation": event.current_generation,
             "first_use": event.first_use,
+            "grace_retries": list(event.grace_retries),
             "reuse": event.reuse,
         }
         ip = event.reuse.get("ip")

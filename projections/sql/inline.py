@@ -24,7 +24,7 @@ from ledger.records import RecordedEvent
 from ledger.serialization import JsonValue, format_timestamp, parse_timestamp
 from projections import principal, session
 from projections.principal import PrincipalState
-from projections.session import Rotation, SessionState, valid_after
+from projections.session import Retry, Rotation, SessionState, valid_after
 from projections.streams import PRINCIPAL, is_session, key_of, session_id_of
 
 Connection = psycopg.Connection[TupleRow]
@@ -280,15 +280,7 @@ def _save_all(conn: Connection, query: str, states: Iterable[Any], params: Any) 
 
 
 def _session_params(state: SessionState) -> tuple[Any, ...]:
-    rotations: list[JsonValue] = [
-        {
-            "retired_generation": r.retired_generation,
-            "at": format_timestamp(r.at),
-            "ip": r.ip,
-            "user_agent": r.user_agent,
-        }
-        for r in state.rotations
-    ]
+    rotations: list[JsonValue] = [_rotation_json(r) for r in state.rotations]
     return (
         state.session_id,
         state.version,
@@ -306,13 +298,37 @@ def _session_params(state: SessionState) -> tuple[Any, ...]:
     )
 
 
+def _rotation_json(rotation: Rotation) -> JsonValue:
+    value: dict[str, JsonValue] = {
+        "retired_generation": rotation.retired_generation,
+        "at": format_timestamp(rotation.at),
+        "ip": rotation.ip,
+        "user_agent": rotation.user_agent,
+    }
+    if rotation.retries:  # rare, so rows without retries keep the shape they always had
+        value["retries"] = [
+            {"at": format_timestamp(r.at), "ip": r.ip, "user_agent": r.user_agent}
+            for r in rotation.retries
+        ]
+    return value
+
+
 def _principal_params(state: PrincipalState) -> tuple[Any, ...]:
     return (state.name, state.version, list(state.recent_failures), state.locked_until)
 
 
 def _session(row: tuple[Any, ...]) -> SessionState:
     rotations = tuple(
-        Rotation(r["retired_generation"], parse_timestamp(r["at"]), r["ip"], r["user_agent"])
+        Rotation(
+            r["retired_generation"],
+            parse_timestamp(r["at"]),
+            r["ip"],
+            r["user_agent"],
+            tuple(
+                Retry(parse_timestamp(t["at"]), t["ip"], t["user_agent"])
+                for t in r.get("retries", ())
+            ),
+        )
         for r in row[8]
     )
     return SessionState(

@@ -97,7 +97,7 @@ def test_a_retry_in_the_grace_window_gets_the_same_cookie(live: LiveServer) -> N
     retry = browser_post(live, "/browser/refresh", SPA, cookie)
     assert retry.status_code == 200, retry.text
     assert set_cookie(retry).value == first
-    assert live.types() == ["SessionStarted", "RefreshTokenRotated"]
+    assert live.types() == ["SessionStarted", "RefreshTokenRotated", "RefreshTokenRetried"]
 
 
 def test_reuse_after_the_grace_window_revokes_the_session_and_clears_the_cookie(

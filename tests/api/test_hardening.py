@@ -8,6 +8,8 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 3. Any local process picked its own client address through X-Forwarded-For (the default
    server's case is in test_serve.py; here, proxies that are trusted).
 4. Unbounded metric series from made-up request methods.
+5. The grace window hid a thief: a spent refresh token replayed from elsewhere got the successor
+   silently, and the reuse evidence later named the owner.
 6. Trailing-slash redirects built from a forged Host header.
 11. Framework defaults: answers without no-store or nosniff, Swagger from a CDN, a demo page
     without script-src, credentials accepted in query strings.
@@ -15,6 +17,7 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 8. Two refresh cookies in one request: the last one was used.
 9. Claims the verification ignored: nbf, a future iat (in test_tokens.py), and sub and client_id
    against the session row (here).
+10. User names that look alike: `lockme`, `LOCKME` and `I0ckme` could all be created.
 14. Any confidential client could introspect any client's tokens.
 (12, the demo account on a shared database, is in test_serve.py, which runs `serve` itself.)
 """
@@ -22,6 +25,7 @@ named after what was tried. Each ran against a real server over HTTP on loopback
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import ipaddress
 from collections.abc import Callable
@@ -29,6 +33,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 import jwt
+import psycopg
 import pytest
 import requests
 from argon2 import PasswordHasher
@@ -36,7 +41,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from api.accounts import INTROSPECT_SCOPE, MIN_SECRET_BITS, AccountError, Accounts, secret_bits
+from api.accounts import (
+    INTROSPECT_SCOPE,
+    MIN_SECRET_BITS,
+    AccountError,
+    Accounts,
+    name_key,
+    secret_bits,
+)
 from api.http.browser import REFRESH_COOKIE
 from api.http.dependencies import client_address
 from api.keys import Sealer, load_keyring
@@ -44,8 +56,19 @@ from api.ratelimit import RateLimit
 from api.sessions import RequestInfo
 from api.tokens import issue_access_token
 from api.users import UserChanges
+from ledger.db import apply_schema
+from ledger.errors import StorageError
+from ledger.events import RefreshTokenReuseDetected
+from ledger.serialization import format_timestamp
 from projections.principal import LockoutPolicy
-from tests.api.conftest import CHEAP_HASHER, PASSWORD, SECRET, LiveServer, client_secret_key
+from tests.api.conftest import (
+    CHEAP_HASHER,
+    PASSWORD,
+    SECRET,
+    TEST_POLICY,
+    LiveServer,
+    client_secret_key,
+)
 
 FIVE_A_MINUTE = RateLimit(limit=5, window=timedelta(minutes=1))
 THREE_WRONG = LockoutPolicy(max_failures=3, window=timedelta(minutes=15))
@@ -438,6 +461,77 @@ def test_metrics_can_require_a_bearer_token(live_factory: LiveFactory) -> None:
     assert "session_ledger_http_request_duration_seconds" in scraped.text
 
 
+# -- 5. the grace window hides a thief -------------------------------------------------------------
+
+
+def _refresh_from(live: LiveServer, token: str, ip: str, user_agent: str) -> requests.Response:
+    form = {"grant_type": "refresh_token", "refresh_token": token, "client_id": "spa"}
+    headers = {"X-Forwarded-For": ip, "User-Agent": user_agent}
+    return live.post("/oauth/token", data=form, headers=headers)
+
+
+def test_a_thiefs_grace_retry_is_recorded_and_named_in_the_reuse_evidence(
+    live_factory: LiveFactory,
+) -> None:
+    live = live_factory(trusted_proxies=LOOPBACK_PROXY)
+    first = live.login()["refresh_token"]
+    owner = ("198.51.100.10", "Firefox/140.0")
+    second = _refresh_from(live, first, *owner).json()["refresh_token"]
+    live.clock.advance(timedelta(seconds=2))
+    stolen = _refresh_from(live, first, "203.0.113.66", "curl/8.11")
+    assert stolen.json()["refresh_token"] == second  # still granted: the grace is for retries
+    live.clock.advance(timedelta(minutes=1))
+    assert _refresh_from(live, second, *owner).status_code == 200
+    live.clock.advance(timedelta(minutes=1))
+    replayed = _refresh_from(live, second, "203.0.113.66", "curl/8.11")
+    assert replayed.json()["error"] == "invalid_grant"
+
+    events = [e for e in live.events("session:") if e.type != "ActivityRecorded"]
+    assert [e.type for e in events] == [
+        "SessionStarted",
+        "RefreshTokenRotated",
+        "RefreshTokenRetried",
+        "RefreshTokenRotated",
+        "RefreshTokenReuseDetected",
+        "SessionEnded",
+    ]
+    retried = events[2]
+    assert retried.data == {"generation": 1, "ip": "203.0.113.66", "user_agent": "curl/8.11"}
+    assert retried.metadata["peer"] == "127.0.0.1"
+    evidence = events[4].event
+    assert isinstance(evidence, RefreshTokenReuseDetected)
+    assert (evidence.first_use["ip"], evidence.reuse["ip"]) == (owner[0], "203.0.113.66")
+    assert evidence.grace_retries == (
+        {
+            "generation": 1,
+            "at": format_timestamp(retried.occurred_at),
+            "ip": "203.0.113.66",
+            "user_agent": "curl/8.11",
+        },
+    )
+
+
+def test_with_same_client_grace_a_retry_from_another_user_agent_ends_the_session(
+    live_factory: LiveFactory,
+) -> None:
+    policy = dataclasses.replace(TEST_POLICY, refresh_grace_same_client=True)
+    live = live_factory(trusted_proxies=LOOPBACK_PROXY, policy=policy)
+    first = live.login()["refresh_token"]
+    owner = ("198.51.100.10", "Firefox/140.0")
+    second = _refresh_from(live, first, *owner).json()["refresh_token"]
+    # The owner's own retry (a second tab, a lost answer) still gets the successor...
+    assert _refresh_from(live, first, "198.51.100.11", owner[1]).json()["refresh_token"] == second
+    # ...a retry from another user agent is reuse.
+    stolen = _refresh_from(live, first, "203.0.113.66", "curl/8.11")
+    assert stolen.status_code == 400
+    assert "reuse detected" in stolen.json()["error_description"]
+    assert _refresh_from(live, second, *owner).json()["error"] == "invalid_grant"
+    [evidence] = [e.event for e in live.events("session:") if e.type == "RefreshTokenReuseDetected"]
+    assert isinstance(evidence, RefreshTokenReuseDetected)
+    assert [r["ip"] for r in evidence.grace_retries] == ["198.51.100.11"]
+    assert evidence.reuse["user_agent"] == "curl/8.11"
+
+
 # -- 6. redirects built from Host ------------------------------------------------------------------
 
 
@@ -588,6 +682,88 @@ def test_a_signed_token_whose_sub_or_client_id_differs_from_its_session_is_refus
     assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
     introspected = live.post("/oauth/introspect", data={"token": forged}, auth=("backend", SECRET))
     assert introspected.json() == {"active": False}
+
+
+# -- 10. user names that look alike ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alike", ["LOCKME", "LockMe", "I0ckme", "l0ckme", "1ockme", "lockrne"])
+def test_a_user_name_that_differs_from_another_only_by_case_or_look_alikes_is_refused(
+    accounts: Accounts, alike: str
+) -> None:
+    accounts.add_user("lockme", PASSWORD)
+    with pytest.raises(AccountError, match=f"{alike!r} is too like the existing user 'lockme'"):
+        accounts.add_user(alike, PASSWORD)
+    with pytest.raises(AccountError, match="'lockme' already exists"):
+        accounts.add_user("lockme", PASSWORD)
+    accounts.add_user("lockmee", PASSWORD)  # a name that only contains another is its own
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.from_regex(r"[A-Za-z0-9._@+-]{1,40}", fullmatch=True))
+def test_the_database_computes_the_look_alike_key_as_the_code_does(
+    pool: ConnectionPool, name: str
+) -> None:
+    with pool.connection() as conn, conn.transaction(force_rollback=True):
+        row = conn.execute(
+            "INSERT INTO users (name, password_hash) VALUES (%s, 'x') RETURNING name_key", (name,)
+        ).fetchone()
+    assert row == (name_key(name),)
+
+
+def test_a_login_finds_the_user_in_any_case_or_in_full_width_letters(live: LiveServer) -> None:
+    live.accounts.add_user("Grace.Hopper", PASSWORD)
+    full_width = "".join(chr(ord(c) + 0xFEE0) for c in "grace.hopper")
+    for spelling in ("grace.hopper", "GRACE.HOPPER", full_width):
+        live.login(username=spelling)
+    started = [e.data["user"] for e in live.events("session:") if e.type == "SessionStarted"]
+    assert started == ["Grace.Hopper"] * 3
+
+
+def test_failed_logins_in_every_spelling_of_a_name_count_against_one_lockout(
+    live: LiveServer,
+) -> None:
+    spellings = ["ADA", "Ada", "ada", "aDA", "AdA"]  # TEST lockout: five failures lock
+    for spelling in spellings:
+        form = {"grant_type": "password", "client_id": "spa", "username": spelling}
+        response = live.post("/oauth/token", data={**form, "password": "wrong"})
+        assert response.json()["error"] == "invalid_grant"
+    assert [e.type for e in live.events("principal:")] == [
+        *["LoginFailed"] * 5,
+        "PrincipalLocked",
+    ]
+    assert {e.stream_id for e in live.events("principal:")} == {"principal:ada"}
+    locked = live.post("/oauth/token", data={**form, "password": PASSWORD})
+    assert "too many failed logins" in locked.json()["error_description"]
+
+
+def test_unknown_names_share_a_lockout_by_their_normal_form(live: LiveServer) -> None:
+    for spelling in ("Nobody", "NOBODY"):
+        form = {"grant_type": "password", "client_id": "spa", "username": spelling}
+        live.post("/oauth/token", data={**form, "password": "wrong"})
+    assert {e.stream_id for e in live.events("principal:")} == {"principal:nobody"}
+
+
+def test_account_commands_find_the_user_in_any_case(live: LiveServer) -> None:
+    tokens = live.login(username="ada")
+    assert _changes(live).set_scopes("ADA", ["profile"]) == 1
+    assert live.accounts.user("ada") is not None
+    assert live.refresh(tokens["refresh_token"]).json()["error"] == "invalid_grant"
+
+
+def test_names_that_look_alike_already_stored_stop_the_upgrade_naming_them(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX users_name_key_idx")  # as before schema version 6
+        conn.execute("ALTER TABLE users DROP COLUMN name_key")
+        for name in ("lockme", "I0ckme", "ada", "ADA", "bob"):
+            conn.execute("INSERT INTO users (name, password_hash) VALUES (%s, 'x')", (name,))
+    with pytest.raises(StorageError, match=r"look-alike.*'ADA', 'ada'; 'I0ckme', 'lockme'"):
+        apply_schema(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM users WHERE name IN ('ADA', 'I0ckme')")
+    apply_schema(db_url)
 
 
 # -- 14. introspection permission ------------------------------------------------------------------

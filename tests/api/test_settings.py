@@ -58,6 +58,7 @@ def test_every_variable_is_read() -> None:
             "LEDGER_REFRESH_GRACE": "0",
             "LEDGER_ACTIVITY_DEBOUNCE": "30s",
             "LEDGER_REFRESH_COUNTS_AS_ACTIVITY": "false",
+            "LEDGER_REFRESH_GRACE_SAME_CLIENT": "true",
             "LEDGER_LOGIN_MAX_FAILURES": "3",
             "LEDGER_LOGIN_FAILURE_WINDOW": "1h",
             "LEDGER_CLIENT_MAX_FAILURES": "10",
@@ -75,6 +76,7 @@ def test_every_variable_is_read() -> None:
     assert settings.policy.refresh_grace == timedelta(0)
     assert settings.policy.activity_debounce == timedelta(seconds=30)
     assert settings.policy.refresh_counts_as_activity is False
+    assert settings.policy.refresh_grace_same_client is True
     assert (settings.lockout.max_failures, settings.lockout.window) == (3, timedelta(hours=1))
     client_lockout = settings.client_lockout
     assert (client_lockout.max_failures, client_lockout.window) == (10, timedelta(minutes=5))
@@ -95,6 +97,7 @@ def test_every_variable_is_read() -> None:
         ("LEDGER_CLIENT_MAX_FAILURES", "33"),
         ("LEDGER_CLIENT_FAILURE_WINDOW", "soon"),
         ("LEDGER_REFRESH_COUNTS_AS_ACTIVITY", "maybe"),
+        ("LEDGER_REFRESH_GRACE_SAME_CLIENT", "yes please"),
         ("LEDGER_ISSUER", "auth.example.com"),
         ("LEDGER_ISSUER", "https://auth.example.com/?x=1"),
     ],

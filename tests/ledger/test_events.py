@@ -12,6 +12,7 @@ from ledger.errors import SerializationError, UnknownEventType
 from ledger.events import (
     Event,
     PrincipalLocked,
+    RefreshTokenReuseDetected,
     SessionEnded,
     decode_event,
     event_class,
@@ -137,6 +138,19 @@ def test_old_payloads_are_upcast_step_by_step() -> None:
     event = decode_event("RenamedForTest", 1, {"who": "ada"}, T0)
     assert event == RenamedForTest(occurred_at=T0, user="ada", source="unknown")
     assert decode_event("RenamedForTest", 2, {"user": "ada"}, T0) == event
+
+
+def test_reuse_evidence_recorded_before_grace_retries_were_events_reads_with_none() -> None:
+    stored: dict[str, JsonValue] = {
+        "presented_generation": 1,
+        "current_generation": 3,
+        "first_use": {"at": None, "ip": None, "user_agent": None},
+        "reuse": {"at": "2026-03-01T09:00:00Z", "ip": "192.0.2.1", "user_agent": None},
+    }
+    event = decode_event("RefreshTokenReuseDetected", 1, stored, T0)
+    assert isinstance(event, RefreshTokenReuseDetected)
+    assert event.grace_retries == ()
+    assert event_data(event) == {**stored, "grace_retries": []}
 
 
 def test_payload_from_a_newer_schema_is_refused() -> None:

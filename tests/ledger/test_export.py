@@ -78,7 +78,8 @@ def write_history(store: EventStore, sessions: int = 3) -> int:
         )  # fmt: skip
         reuse = RefreshTokenReuseDetected(
             occurred_at=at + timedelta(minutes=2, microseconds=7), presented_generation=1,
-            current_generation=2, first_use={"ip": "192.0.2.7"}, reuse={"ua": AGENT, "n": None},
+            current_generation=2, first_use={"ip": "192.0.2.7"}, grace_retries=({"generation": 1},),
+            reuse={"ua": AGENT, "n": None},
         )  # fmt: skip
         ended = SessionEnded(occurred_at=reuse.occurred_at, reason="reuse_detected")
         store.append(stream, 0, [started, rotated], meta)
@@ -380,7 +381,7 @@ def changed(**fields: Any) -> Callable[[Row], str]:
         (lambda row: '{"stream_id": "s"}', "line 3: missing field.*stream_type, version"),
         (changed(version="2"), "line 3: version must be an integer"),
         (changed(type="Nope"), "line 3: unknown event type 'Nope'"),
-        (changed(schema_version=2), "line 3: RefreshTokenReuseDetected has schema versions 1 to 1"),
+        (changed(schema_version=3), "line 3: RefreshTokenReuseDetected has schema versions 1 to 2"),
         (changed(occurred_at="2026-03-01T09:00:00"), "line 3: occurred_at .* has no time zone"),
         (changed(data={"x": 1.5}), r"line 3: \$data.x: values of type float cannot be stored"),
         (changed(hash="zz"), "line 3: hash must be 64 hex digits"),

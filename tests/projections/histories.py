@@ -244,7 +244,7 @@ def write_varied_history(writer: Writer) -> list[str]:
     w.advance(timedelta(minutes=2))
     w.refresh_current(a)
     w.advance(timedelta(seconds=5))
-    w.refresh(a, 1)  # a retry within the grace window: nothing recorded
+    w.refresh(a, 1)  # a retry within the grace window: RefreshTokenRetried
     b = _login(w, "bob", ip="198.51.100.7")
     w.advance(timedelta(minutes=3))
     w.activity(a)

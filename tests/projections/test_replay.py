@@ -146,7 +146,7 @@ def test_as_of_after_revocation_is_ended_with_the_reason(
     go(writer, T0 + minutes(5))
     assert writer.refresh(session_id, 1).outcome is Outcome.OK
     go(writer, T0 + minutes(5) + POLICY.refresh_grace)
-    assert writer.refresh(session_id, 1).outcome is Outcome.GRACE_RETRY  # nothing recorded
+    assert writer.refresh(session_id, 1).outcome is Outcome.GRACE_RETRY  # a recorded retry
     revoked_at = T0 + minutes(30)
     go(writer, revoked_at)
     decision = writer.logout(session_id) if reason == "logout" else writer.refresh(session_id, 1)

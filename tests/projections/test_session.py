@@ -11,6 +11,7 @@ import pytest
 from ledger.events import (
     ActivityRecorded,
     Event,
+    RefreshTokenRetried,
     RefreshTokenReuseDetected,
     RefreshTokenRotated,
     SessionEnded,
@@ -18,11 +19,13 @@ from ledger.events import (
 )
 from ledger.serialization import format_timestamp
 from projections.session import (
+    RETRIES_KEPT,
     ROTATIONS_KEPT,
     Decision,
     NotASessionStream,
     Outcome,
     Policy,
+    Retry,
     SessionState,
     absolute_end_of,
     decide_activity,
@@ -33,6 +36,7 @@ from projections.session import (
     expiry,
     idle_for,
     is_valid,
+    last_event_at,
     replay,
     start,
     status,
@@ -274,21 +278,28 @@ def test_successive_refreshes_advance_the_generation_one_by_one() -> None:
 # Refresh with the previous generation: grace retry or reuse
 
 
-def test_previous_generation_within_grace_is_a_retry_without_events() -> None:
+def test_previous_generation_within_grace_is_a_retry_recorded_with_its_request() -> None:
     history = begin()
     rotated_at = T0 + timedelta(minutes=1)
     refresh(history, 1, rotated_at)
-    decision = refresh(history, 1, rotated_at + timedelta(seconds=3))
-    assert decision == Decision((), Outcome.GRACE_RETRY)
+    retried_at = rotated_at + timedelta(seconds=3)
+    decision = refresh(history, 1, retried_at, ip="192.0.2.9", user_agent="ua-other")
+    retried = RefreshTokenRetried(
+        occurred_at=retried_at, generation=1, ip="192.0.2.9", user_agent="ua-other"
+    )
+    assert decision == Decision((retried,), Outcome.GRACE_RETRY)
     assert decision.is_granted
-    assert fold(history).generation == 2
+    state = fold(history)
+    assert state.generation == 2
+    assert state.rotations[-1].retries == (Retry(retried_at, "192.0.2.9", "ua-other"),)
+    assert last_event_at(state) == retried_at
 
 
 def test_previous_generation_exactly_at_grace_limit_is_a_retry() -> None:
     history = begin()
     rotated_at = T0 + timedelta(minutes=1)
     refresh(history, 1, rotated_at)
-    assert refresh(history, 1, rotated_at + GRACE) == Decision((), Outcome.GRACE_RETRY)
+    assert refresh(history, 1, rotated_at + GRACE).outcome is Outcome.GRACE_RETRY
 
 
 def test_previous_generation_one_microsecond_past_grace_is_reuse() -> None:
@@ -326,6 +337,7 @@ def test_reuse_records_evidence_of_both_uses_and_ends_the_session() -> None:
                 "ip": "10.0.0.1",
                 "user_agent": "ua-honest",
             },
+            grace_retries=(),
             reuse={"at": format_timestamp(reused_at), "ip": "192.0.2.66", "user_agent": "ua-thief"},
         ),
         SessionEnded(occurred_at=reused_at, reason="reuse_detected"),
@@ -359,6 +371,66 @@ def test_older_generation_is_reuse_even_within_grace() -> None:
         "user_agent": "ua-c",
     }
     assert [type(e) for e in decision.events] == [RefreshTokenReuseDetected, SessionEnded]
+
+
+def test_hardening_5_reuse_evidence_names_a_thief_who_retried_in_grace() -> None:
+    """The owner rotates; a thief replays the spent token 2 s later from elsewhere and gets the
+    successor; the owner's next refresh is then the detected reuse. The evidence shows the
+    thief's retry beside the owner's uses."""
+    history = begin()
+    rotated_at = T0 + timedelta(minutes=1)
+    refresh(history, 1, rotated_at, ip="10.0.0.1", user_agent="ua-owner")
+    stolen_at = rotated_at + timedelta(seconds=2)
+    refresh(history, 1, stolen_at, ip="203.0.113.5", user_agent="ua-thief")
+    refresh(history, 2, stolen_at + timedelta(seconds=1), ip="203.0.113.5", user_agent="ua-thief")
+    reused_at = rotated_at + timedelta(minutes=5)
+    decision = refresh(history, 2, reused_at, ip="10.0.0.1", user_agent="ua-owner")
+    assert decision.outcome is Outcome.REUSE_DETECTED
+    evidence = decision.events[0]
+    assert isinstance(evidence, RefreshTokenReuseDetected)
+    assert evidence.grace_retries == (
+        {
+            "generation": 1,
+            "at": format_timestamp(stolen_at),
+            "ip": "203.0.113.5",
+            "user_agent": "ua-thief",
+        },
+    )
+    assert evidence.first_use["ip"] == "203.0.113.5"  # generation 2 was first used by the thief
+
+
+def test_hardening_5_same_client_grace_refuses_a_retry_from_another_user_agent() -> None:
+    same_client = dataclasses.replace(POLICY, refresh_grace_same_client=True)
+    history = begin()
+    rotated_at = T0 + timedelta(minutes=1)
+    refresh(history, 1, rotated_at, user_agent="ua-owner", policy=same_client)
+    retry = refresh(history, 1, rotated_at + US, user_agent="ua-owner", policy=same_client)
+    assert retry.outcome is Outcome.GRACE_RETRY
+    stolen = refresh(history, 1, rotated_at + 2 * US, user_agent="ua-thief", policy=same_client)
+    assert stolen.outcome is Outcome.REUSE_DETECTED
+    assert fold(history).end_reason == "reuse_detected"
+
+
+def test_hardening_5_without_same_client_another_user_agent_gets_the_grace() -> None:
+    history = begin()
+    rotated_at = T0 + timedelta(minutes=1)
+    refresh(history, 1, rotated_at, user_agent="ua-owner")
+    assert refresh(history, 1, rotated_at + US, user_agent="ua-b").outcome is Outcome.GRACE_RETRY
+
+
+def test_a_state_keeps_the_first_retries_and_the_latest() -> None:
+    history = begin()
+    rotated_at = T0 + timedelta(minutes=1)
+    refresh(history, 1, rotated_at)
+    for n in range(RETRIES_KEPT + 5):
+        refresh(history, 1, rotated_at + (n + 1) * US, user_agent=f"ua-{n}")
+    state = fold(history)
+    retries = state.rotations[-1].retries
+    assert len(retries) == RETRIES_KEPT
+    agents = [r.user_agent for r in retries]
+    assert agents == [*(f"ua-{n}" for n in range(RETRIES_KEPT - 1)), f"ua-{RETRIES_KEPT + 4}"]
+    assert last_event_at(state) == rotated_at + (RETRIES_KEPT + 5) * US
+    assert sum(isinstance(e, RefreshTokenRetried) for e in history) == RETRIES_KEPT + 5
 
 
 def test_refresh_after_reuse_is_refused_as_ended_without_events() -> None:
@@ -519,6 +591,7 @@ def test_replay_of_decider_history_equals_folding_step_by_step() -> None:
         SessionStarted,
         RefreshTokenRotated,
         ActivityRecorded,
+        RefreshTokenRetried,
         ActivityRecorded,
         RefreshTokenRotated,
         RefreshTokenRotated,

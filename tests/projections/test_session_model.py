@@ -26,12 +26,15 @@ from hypothesis.stateful import (
 from ledger.events import (
     ActivityRecorded,
     Event,
+    RefreshTokenRetried,
     RefreshTokenReuseDetected,
     RefreshTokenRotated,
     SessionEnded,
 )
 from ledger.serialization import format_timestamp
 from projections.session import (
+    RETRIES_KEPT,
+    ROTATIONS_KEPT,
     Decision,
     Outcome,
     Policy,
@@ -107,6 +110,7 @@ class SessionModel(RuleBasedStateMachine):
         self.generation = 1
         self.last_activity = self.now
         self.retired: dict[int, tuple[datetime, str | None, str | None]] = {}
+        self.retries: dict[int, list[tuple[datetime, str | None, str | None]]] = {}
         self.ended = False
         self.why: str | None = None
 
@@ -156,8 +160,14 @@ class SessionModel(RuleBasedStateMachine):
             return Outcome.UNKNOWN_GENERATION, ()
         first_at, first_ip, first_user_agent = self.retired[presented]
         previous = presented == self.generation - 1
-        if previous and self.now - first_at <= self.policy.refresh_grace:
-            return Outcome.GRACE_RETRY, ()
+        same_client = not self.policy.refresh_grace_same_client or user_agent == first_user_agent
+        if previous and self.now - first_at <= self.policy.refresh_grace and same_client:
+            retried = RefreshTokenRetried(
+                occurred_at=self.now, generation=presented, ip=ip, user_agent=user_agent
+            )
+            return Outcome.GRACE_RETRY, (retried,)
+        # The evidence keeps the retries of the rotations a state keeps.
+        kept = sorted(self.retired)[-ROTATIONS_KEPT:]
         evidence = RefreshTokenReuseDetected(
             occurred_at=self.now,
             presented_generation=presented,
@@ -167,6 +177,11 @@ class SessionModel(RuleBasedStateMachine):
                 "ip": first_ip,
                 "user_agent": first_user_agent,
             },
+            grace_retries=tuple(
+                {"generation": g, "at": format_timestamp(at), "ip": where, "user_agent": agent}
+                for g in kept
+                for at, where, agent in self.retries.get(g, [])
+            ),
             reuse={"at": format_timestamp(self.now), "ip": ip, "user_agent": user_agent},
         )
         ended = SessionEnded(occurred_at=self.now, reason="reuse_detected")
@@ -177,6 +192,11 @@ class SessionModel(RuleBasedStateMachine):
             if isinstance(event, RefreshTokenRotated):
                 self.retired[self.generation] = (self.now, event.ip, event.user_agent)
                 self.generation += 1
+            elif isinstance(event, RefreshTokenRetried):
+                retries = self.retries.setdefault(event.generation, [])
+                retries.append((self.now, event.ip, event.user_agent))
+                if len(retries) > RETRIES_KEPT:  # the first ones and the latest
+                    del retries[RETRIES_KEPT - 1]
             elif isinstance(event, ActivityRecorded):
                 self.last_activity = self.now
             elif isinstance(event, SessionEnded):
@@ -335,6 +355,14 @@ class SessionModelRefreshIsNotActivity(SessionModel):
     policy = dataclasses.replace(POLICY, refresh_counts_as_activity=False)
 
 
-@pytest.mark.parametrize("machine", [SessionModel, SessionModelRefreshIsNotActivity])
+class SessionModelSameClientGrace(SessionModel):
+    """The same rules when only the first use's user agent gets the grace."""
+
+    policy = dataclasses.replace(POLICY, refresh_grace_same_client=True)
+
+
+@pytest.mark.parametrize(
+    "machine", [SessionModel, SessionModelRefreshIsNotActivity, SessionModelSameClientGrace]
+)
 def test_session_deciders_follow_the_reference_model(machine: type[SessionModel]) -> None:
     run_state_machine_as_test(machine, settings=SETTINGS)

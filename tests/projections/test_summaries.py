@@ -138,6 +138,7 @@ def test_a_reused_token_alerts_naming_the_sessions_user_and_the_reusing_address(
         presented_generation=1,
         current_generation=2,
         first_use={"ip": "192.0.2.1"},
+        grace_retries=({"generation": 1, "ip": "203.0.113.5"},),
         reuse={"ip": "198.51.100.7"},
     )
     alert = alert_for(recorded(stream_id, 3, reuse), {stream_id: SessionOrigin("ada", T0)}, {})
@@ -148,6 +149,7 @@ def test_a_reused_token_alerts_naming_the_sessions_user_and_the_reusing_address(
         "s-1",
         "198.51.100.7",
     )
+    assert alert.details["grace_retries"] == [{"generation": 1, "ip": "203.0.113.5"}]
 
 
 def _bursts_by_definition(times: list[datetime]) -> list[datetime]:

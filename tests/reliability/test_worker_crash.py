@@ -257,18 +257,22 @@ def assert_only_the_kill_cut(storm: Storm, replaced_at: float | None) -> float:
     return answered
 
 
-def lost_answers(storm: Storm, rotations: int) -> int:
+def lost_answers(storm: Storm, rotations: int, retries: int) -> int:
     """Cut requests whose rotation had committed: their retry got a grace answer.
 
     Every 200 of the storm is a rotation, the grace answer to a twin, or the grace answer to
-    such a retry; each client's last refresh came after the storm."""
-    lost = storm.statuses[200] - (rotations - SESSIONS) - storm.twins
+    such a retry, and each grace answer is one RefreshTokenRetried; each client's last refresh
+    came after the storm."""
+    graced = storm.statuses[200] - (rotations - SESSIONS)
+    lost = graced - storm.twins
     assert 0 <= lost <= len(storm.cuts), f"{storm.statuses[200]} answers do not add up: {lost}"
+    assert retries == graced, f"{retries} RefreshTokenRetried events for {graced} grace answers"
     return lost
 
 
-def assert_ledger_whole(pool: ConnectionPool, chains: list[list[str]]) -> int:
-    """Every chain and session stream is one line of generations; returns the rotations."""
+def assert_ledger_whole(pool: ConnectionPool, chains: list[list[str]]) -> tuple[int, int]:
+    """Every chain and session stream is one line of generations; returns the rotations and
+    the grace retries."""
     for chain in chains:
         generations = [generation(token) for token in chain]
         assert generations == list(range(1, len(chain) + 1)), f"a chain forked: {generations}"
@@ -277,12 +281,13 @@ def assert_ledger_whole(pool: ConnectionPool, chains: list[list[str]]) -> int:
         streams = conn.execute(
             "SELECT count(DISTINCT stream_id) FROM events WHERE stream_type = 'session'"
         ).fetchone()
-        reuses = conn.execute(
-            "SELECT count(*) FROM events WHERE type = 'RefreshTokenReuseDetected'"
-        ).fetchone()
+        reuses, retries = conn.execute(
+            "SELECT count(*) FILTER (WHERE type = 'RefreshTokenReuseDetected'),"
+            " count(*) FILTER (WHERE type = 'RefreshTokenRetried') FROM events"
+        ).fetchone() or (0, 0)
     assert streams == (SESSIONS,), f"{streams} session streams, not {SESSIONS}"
-    assert reuses == (0,), f"{reuses} reuse detections"
-    return rotations
+    assert reuses == 0, f"{reuses} reuse detections"
+    return rotations, retries
 
 
 def assert_stream_agrees(store: EventStore, pool: ConnectionPool, chain: list[str]) -> int:
@@ -295,7 +300,8 @@ def assert_stream_agrees(store: EventStore, pool: ConnectionPool, chain: list[st
     rotated = [e.event.generation for e in events if isinstance(e.event, RefreshTokenRotated)]
     assert rotated == list(range(2, newest + 1)), f"{sid}: generations {rotated}, not 2..{newest}"
     types = {e.type for e in events}
-    assert types <= {"SessionStarted", "RefreshTokenRotated", "ActivityRecorded"}, f"{sid}: {types}"
+    allowed = {"SessionStarted", "RefreshTokenRotated", "RefreshTokenRetried", "ActivityRecorded"}
+    assert types <= allowed, f"{sid}: {types}"
     with pool.connection() as conn:
         row = load_session(conn, sid, for_update=False)
     assert row == session.replay(sid, (e.event for e in events)), f"{sid}: row is not the fold"
@@ -329,8 +335,8 @@ def test_a_worker_killed_in_a_refresh_storm_leaves_one_serving_and_every_session
         chains = [[*chain, refresh_once(url, chain[-1])] for chain in chains]
     replacements = sorted(serving_now - {survivor})
     answered = assert_only_the_kill_cut(storm, log.first_after(STARTED, storm.kill_sent))
-    rotations = assert_ledger_whole(pool, chains)
-    lost = lost_answers(storm, rotations)
+    rotations, retries = assert_ledger_whole(pool, chains)
+    lost = lost_answers(storm, rotations, retries)
     assert_cli_clean(db_url)
 
     ready = log.first_after(READY, storm.kill_sent)
