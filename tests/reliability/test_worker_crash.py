@@ -261,12 +261,13 @@ def lost_answers(storm: Storm, rotations: int, retries: int) -> int:
     """Cut requests whose rotation had committed: their retry got a grace answer.
 
     Every 200 of the storm is a rotation, the grace answer to a twin, or the grace answer to
-    such a retry, and each grace answer is one RefreshTokenRetried; each client's last refresh
+    such a retry, and each grace answer is a RefreshTokenRetried; each client's last refresh
     came after the storm."""
     graced = storm.statuses[200] - (rotations - SESSIONS)
     lost = graced - storm.twins
     assert 0 <= lost <= len(storm.cuts), f"{storm.statuses[200]} answers do not add up: {lost}"
-    assert retries == graced, f"{retries} RefreshTokenRetried events for {graced} grace answers"
+    # A retry the kill cut after its commit was recorded but never answered.
+    assert graced <= retries <= graced + len(storm.cuts), f"{retries} retries, {graced} answered"
     return lost
 
 
