@@ -267,7 +267,17 @@ def test_a_database_restart_answers_503_then_recovers_without_losing_an_event(
                 base, data_dir, url, [t["refresh_token"] for t in before]
             )
             report(variant, loop.seen, down, up, recovered)
-            assert requests.get(f"{base}/healthz", timeout=60).status_code == 200
+            # Each worker's own pool finds the server back at its next reconnection attempt;
+            # the refreshes above may have reached the other worker first. Six in a row: both
+            # workers are back, as each new connection may reach either.
+            wait_until(
+                lambda: all(
+                    requests.get(f"{base}/healthz", timeout=60).status_code == 200
+                    for _ in range(6)
+                ),
+                timeout=30,
+                what="/healthz to answer 200 again",
+            )
             assert_loop_saw_only_clean_answers(loop.seen, down)
             after = use_held_tokens(base, loop.tokens, before)
             print(f"tokens held through the outage, then used: {after}")
