@@ -9,8 +9,9 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
--- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key.
-INSERT INTO schema_version (version) VALUES (6) ON CONFLICT DO NOTHING;
+-- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
+-- sessions' deadline indexes and the session-end feed's.
+INSERT INTO schema_version (version) VALUES (7) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -37,6 +38,11 @@ CREATE INDEX IF NOT EXISTS events_catch_up_idx ON events (tx_id, position);
 CREATE INDEX IF NOT EXISTS events_type_time_idx ON events (type, occurred_at);
 CREATE INDEX IF NOT EXISTS events_time_idx ON events (occurred_at);
 CREATE INDEX IF NOT EXISTS events_stream_type_time_idx ON events (stream_type, occurred_at);
+-- The session-end feed: session ends in the gap-safe order, and from a recording time.
+CREATE INDEX IF NOT EXISTS events_session_ends_idx ON events (tx_id, position)
+    WHERE type = 'SessionEnded';
+CREATE INDEX IF NOT EXISTS events_session_ends_recorded_idx ON events (recorded_at)
+    WHERE type = 'SessionEnded';
 
 CREATE OR REPLACE FUNCTION events_reject_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -133,6 +139,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_reason    text
 );
 CREATE INDEX IF NOT EXISTS sessions_user_idx ON sessions (user_name, started_at);
+-- The expiry sweeper's two deadlines, over the sessions that have not ended only.
+CREATE INDEX IF NOT EXISTS sessions_idle_deadline_idx ON sessions (last_activity)
+    WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS sessions_absolute_deadline_idx ON sessions (started_at)
+    WHERE ended_at IS NULL;
 
 -- Inline projection of principal streams (failed logins and lockouts).
 CREATE TABLE IF NOT EXISTS principals (

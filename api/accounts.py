@@ -35,8 +35,11 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from api.tokens import is_scope_token
 from ledger.db import translated_errors
 
-GRANTS = ("password", "refresh_token")
+SUPPORTED_GRANTS = ("password", "refresh_token", "client_credentials")
 """Grant types this server issues tokens for (RFC 6749 names)."""
+DEFAULT_GRANTS = ("password", "refresh_token")
+"""What `clients add` grants when no --grant is given."""
+CLIENT_CREDENTIALS = "client_credentials"
 
 PRODUCTION_HASHER = PasswordHasher()
 """argon2id with argon2-cffi's defaults (RFC 9106's second recommended option)."""
@@ -70,6 +73,9 @@ class User:
 
 INTROSPECT_SCOPE = "tokens:introspect"
 """The client scope that lets a confidential client call POST /oauth/introspect."""
+SESSIONS_READ_SCOPE = "sessions:read"
+"""The scope that lets a resource server follow GET /feeds/session-ends (a client scope, which
+its client_credentials tokens carry)."""
 
 
 @dataclass(frozen=True)
@@ -152,9 +158,13 @@ class Accounts:
         scopes: tuple[str, ...] = (),
     ) -> Client:
         _check_name(client_id, "client id")
-        unknown = [g for g in grants if g not in GRANTS]
+        unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
         if unknown or not grants:
-            raise AccountError(f"grants must be some of {', '.join(GRANTS)}; got {grants}")
+            raise AccountError(
+                f"grants must be some of {', '.join(SUPPORTED_GRANTS)}; got {', '.join(grants)}"
+            )
+        if CLIENT_CREDENTIALS in grants and secret is None:
+            raise AccountError(f"only a confidential client may use the {CLIENT_CREDENTIALS} grant")
         if secret is not None and (bits := secret_bits(secret)) < MIN_SECRET_BITS:
             raise AccountError(
                 f"the client secret has about {bits:.0f} bits; at least {MIN_SECRET_BITS} are"

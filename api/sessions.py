@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from api.accounts import Accounts, Client, normal_name
+from api.accounts import Accounts, Client, ClientDirectory, normal_name
 from api.errors import InvalidGrant, InvalidScope, InvalidToken
 from api.keys import KEY_CHANGE_MARGIN, KeyRing, Sealer, load_keyring, load_server_secret
 from api.settings import Settings
@@ -32,11 +32,12 @@ from api.tokens import (
 )
 from ledger.db import translated_errors
 from ledger.errors import ConcurrencyConflict
-from ledger.events import BrowserRequestRefused
+from ledger.events import BrowserRequestRefused, ClientCredentialsGranted
 from ledger.store import EventStore, PipelinedTransaction, Stream, pipelined
 from projections import principal, session
 from projections.session import Decision, Outcome, SessionState
 from projections.sql.inline import (
+    apply_session_decision,
     load_principal,
     load_session,
     load_session_async,
@@ -104,7 +105,7 @@ class TokenGrant:
 
     access_token: str
     expires_in: int
-    refresh_token: str
+    refresh_token: str | None  # None for a client's own token (client_credentials)
     scope: tuple[str, ...]
     session_expires_in: int  # seconds to the absolute end: the browser refresh cookie's Max-Age
 
@@ -121,6 +122,7 @@ class SessionService:
         pool: ConnectionPool,
         apool: AsyncConnectionPool[Any],
         accounts: Accounts,
+        clients: ClientDirectory,
         settings: Settings,
         clock: Callable[[], datetime],
         sealer: Sealer,
@@ -129,6 +131,7 @@ class SessionService:
         self._apool = apool
         self._store = EventStore(pool)
         self._accounts = accounts
+        self._clients = clients
         self._settings = settings
         self._policy = settings.policy
         self.clock = clock
@@ -234,19 +237,64 @@ class SessionService:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
         return self._grant(state, next_token, now)
 
+    def grant_client(self, client: Client, scope: str | None, info: RequestInfo) -> TokenGrant:
+        """RFC 6749 §4.4: an access token for the (authenticated, confidential) client itself,
+        holding the client scopes asked for (all of them by default), with no session and no
+        refresh token. The grant is a ClientCredentialsGranted event on the client's stream."""
+        granted = _granted_scope(client.scopes, scope, "this client")
+        with self._transaction() as conn:
+            state = load_principal(conn, client.client_id, for_update=True, table="client_lockouts")
+            now = self.clock()
+            event = ClientCredentialsGranted(
+                occurred_at=now, scope=granted, ip=info.ip, user_agent=info.user_agent
+            )
+            stream = client_stream(client.client_id)
+            self._store.append(stream, state.version, [event], info.metadata(), conn=conn)
+            save_principal(conn, principal.evolve(state, event), table="client_lockouts")
+        expires_at = now + self._policy.access_token_ttl
+        access = issue_access_token(
+            self.keyring(),
+            issuer=self._settings.issuer,
+            audience=self._settings.audience,
+            subject=client.client_id,
+            session_id=None,
+            client_id=client.client_id,
+            scope=granted,
+            now=now,
+            expires_at=expires_at,
+        )
+        seconds = int(self._policy.access_token_ttl / timedelta(seconds=1))
+        return TokenGrant(access, seconds, None, granted, seconds)
+
     # -- bearer calls ---------------------------------------------------------------------------
+
+    async def verify_bearer(self, access_token: str) -> tuple[AccessClaims, SessionState | None]:
+        """A user's token with its session, valid now; or a client's own token, whose client
+        must still be registered (its session None). Else InvalidToken."""
+        now = self.clock()
+        claims = self._verify(access_token, now)
+        if claims.session_id is None:
+            if await self._clients.client(claims.client_id) is None:
+                raise InvalidToken("the token's client is no longer registered")
+            return claims, None
+        return claims, await self._valid_session(claims, now)
 
     async def authenticate(self, access_token: str) -> tuple[AccessClaims, SessionState]:
         """The token's claims and its session, which must be valid now; else InvalidToken."""
         now = self.clock()
         claims = self._verify(access_token, now)
+        return claims, await self._valid_session(claims, now)
+
+    async def _valid_session(self, claims: AccessClaims, now: datetime) -> SessionState:
+        if claims.session_id is None:
+            raise InvalidToken("this is a client's own token; it belongs to no session")
         state = await self._session_async(claims.session_id)
         if state is None or not session.is_valid(state, now, self._policy):
             raise InvalidToken("the session is no longer active")
         # Only a leaked signing key could make these differ; no such token is honoured.
         if (claims.subject, claims.client_id) != (state.user, state.client_id):
             raise InvalidToken("the token does not match its session")
-        return claims, state
+        return state
 
     async def record_activity(self, state: SessionState, info: RequestInfo) -> None:
         now = self.clock()
@@ -320,7 +368,7 @@ class SessionService:
         now = self.clock()
         if hint != "refresh_token":
             try:
-                claims, _ = await self.authenticate(token)
+                claims, _ = await self.verify_bearer(token)
             except InvalidToken:
                 pass
             else:
@@ -476,14 +524,8 @@ def apply_decision(
 ) -> SessionState:
     """Append the decision's events and save the folded row, in the caller's transaction (which
     holds the row's lock)."""
-    if not decision.events:
-        return state
     meta = info.metadata(state.client_id)
-    store.append(_stream(state.session_id), state.version, decision.events, meta, conn=conn)
-    for event in decision.events:
-        state = session.evolve(state, state.session_id, event)
-    save_session(conn, state)
-    return state
+    return apply_session_decision(store, conn, state, decision, meta)
 
 
 def end_user_sessions(
@@ -577,13 +619,15 @@ _ENDINGS = {
 }
 
 
-def _granted_scope(held: tuple[str, ...], requested: str | None) -> tuple[str, ...]:
+def _granted_scope(
+    held: tuple[str, ...], requested: str | None, holder: str = "this user"
+) -> tuple[str, ...]:
     if requested is None or not requested.strip():
         return held
     asked = tuple(dict.fromkeys(requested.split()))
     beyond = [s for s in asked if s not in held]
     if beyond:
-        raise InvalidScope(f"scope {' '.join(beyond)!r} is not granted to this user")
+        raise InvalidScope(f"scope {' '.join(beyond)!r} is not granted to {holder}")
     return asked
 
 
@@ -592,7 +636,7 @@ def _introspection(claims: AccessClaims, token_type: str) -> dict[str, object]:
         "active": True,
         "token_type": token_type,
         "sub": claims.subject,
-        "sid": claims.session_id,
+        **({} if claims.session_id is None else {"sid": claims.session_id}),
         "client_id": claims.client_id,
         "scope": " ".join(claims.scope),
         "exp": int(claims.expires_at.timestamp()),

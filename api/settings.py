@@ -60,6 +60,12 @@ class Settings:
     run_projections: bool = True
     """Whether the server keeps the catch-up projections current (LEDGER_RUN_PROJECTIONS); turn
     it off when `session-ledger project` runs elsewhere."""
+    expiry_sweep_interval: timedelta = timedelta(seconds=1)
+    """How often the server records the expiries whose deadline has passed
+    (LEDGER_EXPIRY_SWEEP_INTERVAL); 0 leaves it to `session-ledger sweep` run elsewhere."""
+    feed_heartbeat: timedelta = timedelta(seconds=15)
+    """The longest silence on a session-end event stream before a heartbeat comment
+    (LEDGER_FEED_HEARTBEAT)."""
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Reverse proxies whose X-Forwarded-For names the client (LEDGER_TRUSTED_PROXIES: addresses
     or networks); from anyone else the header is ignored."""
@@ -132,6 +138,10 @@ class Settings:
             ),
             key_encryption_key=_optional_text(env, "LEDGER_KEY_ENCRYPTION_KEY"),
             run_projections=_flag(env, "LEDGER_RUN_PROJECTIONS", True),
+            expiry_sweep_interval=_duration(
+                env, "LEDGER_EXPIRY_SWEEP_INTERVAL", timedelta(seconds=1), zero=True
+            ),
+            feed_heartbeat=_duration(env, "LEDGER_FEED_HEARTBEAT", timedelta(seconds=15)),
             trusted_proxies=_networks(env, "LEDGER_TRUSTED_PROXIES"),
             allowed_origins=_origins(env, "LEDGER_ALLOWED_ORIGINS"),
             demo=_flag(env, "LEDGER_DEMO", False),

@@ -21,7 +21,9 @@ ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 CLOCK_SKEW = timedelta(seconds=30)
 """How far ahead of the verifier's clock a token's `iat` or `nbf` may be (RFC 7519 §4.1.5 allows
 some leeway): servers on one database may disagree by a little, never by minutes."""
-REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "jti", "client_id", "sid")
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "jti", "client_id")
+"""Every access token's claims; a user's also has `sid`, its session. A client's own token (the
+client_credentials grant) has none, and its `sub` is its client id."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
@@ -40,7 +42,8 @@ _REFRESH_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,64})\.([1-9][0-9]{0,8})\.([A-Za-z
 @dataclass(frozen=True)
 class AccessClaims:
     subject: str
-    session_id: str
+    session_id: str | None
+    """None in a client's own token (client_credentials), which belongs to no session."""
     client_id: str
     scope: tuple[str, ...]
     issued_at: datetime
@@ -60,7 +63,7 @@ def issue_access_token(
     issuer: str,
     audience: str,
     subject: str,
-    session_id: str,
+    session_id: str | None,
     client_id: str,
     scope: tuple[str, ...],
     now: datetime,
@@ -71,7 +74,7 @@ def issue_access_token(
     if not all(is_scope_token(token) for token in scope):
         raise ValueError("scope tokens must be non-empty printable ASCII without spaces")
     key = keyring.current
-    claims = {
+    claims: dict[str, object] = {
         "iss": issuer,
         "sub": subject,
         "aud": audience,
@@ -80,9 +83,10 @@ def issue_access_token(
         "iat": _seconds(now),
         "jti": secrets.token_urlsafe(16),
         "client_id": client_id,
-        "sid": session_id,
         "scope": " ".join(scope),
     }
+    if session_id is not None:
+        claims["sid"] = session_id
     headers = {"typ": "at+jwt", "kid": key.kid}
     return jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers=headers)
 
@@ -110,7 +114,7 @@ def verify_access_token(
         raise InvalidToken("token not valid yet (nbf)")
     return AccessClaims(
         subject=str(claims["sub"]),
-        session_id=str(claims["sid"]),
+        session_id=None if "sid" not in claims else str(claims["sid"]),
         client_id=str(claims["client_id"]),
         scope=_scope(claims.get("scope", "")),
         issued_at=issued_at,
@@ -206,8 +210,10 @@ def _check_required(claims: Mapping[str, object]) -> None:
         if name not in claims:
             raise InvalidToken(f"missing claim {name}")
     for name in ("iss", "sub", "jti", "client_id", "sid"):
-        if not isinstance(claims[name], str):
+        if name in claims and not isinstance(claims[name], str):
             raise InvalidToken(f"malformed claim {name}")
+    if "sid" not in claims and claims["sub"] != claims["client_id"]:
+        raise InvalidToken("a token without a session is its client's own (sub = client_id)")
 
 
 def _has_audience(claim: object, audience: str) -> bool:

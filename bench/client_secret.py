@@ -37,7 +37,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from api.accounts import GRANTS, INTROSPECT_SCOPE, PRODUCTION_HASHER, Accounts, Client
+from api.accounts import DEFAULT_GRANTS, INTROSPECT_SCOPE, PRODUCTION_HASHER, Accounts, Client
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from bench.append import load_average, scratch_run
 from bench.refresh import (
@@ -89,8 +89,8 @@ class Flood:
 def verifier_costs(pool: ConnectionPool, rounds: int) -> tuple[float, float]:
     """Median seconds to refuse a wrong secret: argon2id (production), then the keyed hash."""
     accounts = Accounts(pool, PRODUCTION_HASHER, secret_key=_secret_key(pool))
-    legacy = Client(LEGACY, PRODUCTION_HASHER.hash(SECRET), GRANTS)
-    keyed = Client(KEYED, accounts.secret_hash(SECRET), GRANTS)
+    legacy = Client(LEGACY, PRODUCTION_HASHER.hash(SECRET), DEFAULT_GRANTS)
+    keyed = Client(KEYED, accounts.secret_hash(SECRET), DEFAULT_GRANTS)
     return (
         _median(lambda: accounts.check_legacy_secret(legacy, WRONG), rounds),
         _median(lambda: accounts.check_secret(keyed, WRONG), rounds * 1000),
@@ -113,12 +113,12 @@ def _secret_key(pool: ConnectionPool) -> bytes:
 
 def create_clients(pool: ConnectionPool) -> None:
     Accounts(pool, secret_key=_secret_key(pool)).add_client(
-        KEYED, SECRET, GRANTS, (INTROSPECT_SCOPE,)
+        KEYED, SECRET, DEFAULT_GRANTS, (INTROSPECT_SCOPE,)
     )
     with pool.connection() as conn:
         conn.execute(
             "INSERT INTO clients (client_id, secret_hash, grants, scopes) VALUES (%s, %s, %s, %s)",
-            (LEGACY, PRODUCTION_HASHER.hash(SECRET), list(GRANTS), [INTROSPECT_SCOPE]),
+            (LEGACY, PRODUCTION_HASHER.hash(SECRET), list(DEFAULT_GRANTS), [INTROSPECT_SCOPE]),
         )
 
 

@@ -270,7 +270,8 @@ class UserScopesChanged(Event):
     scopes: tuple[str, ...]
 
 
-# A client stream (stream_type "client") holds one client id's failed authentications and locks.
+# A client stream (stream_type "client") holds one client id's failed authentications and locks,
+# and its client_credentials grants.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,6 +280,16 @@ class ClientAuthenticationFailed(Event):
     `unknown_client`, `not_confidential` (a secret sent for a public client) or `locked`."""
 
     reason: str
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientCredentialsGranted(Event):
+    """The client got an access token of its own (the client_credentials grant, RFC 6749 §4.4)
+    holding `scope`, asked for from `ip` with `user_agent`."""
+
+    scope: tuple[str, ...]
     ip: str | None
     user_agent: str | None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -106,6 +106,22 @@ _READ_VISIBLE = (
     " WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)"
     " ORDER BY tx_id, position LIMIT %s"
 )
+# read_all of one type. The type is written into the statement (a registered type name, never
+# input), so that a partial index on it (schema.sql has one for SessionEnded) serves even the
+# generic plan of a prepared statement.
+_READ_TYPE = (
+    f"SELECT {_COLUMNS} FROM events WHERE type = '{{type}}'"  # noqa: S608
+    " AND (tx_id, position) > (%s::text::xid8, %s::bigint)"
+    " AND tx_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY tx_id, position LIMIT %s"
+)
+_FIRST_RECORDED = (
+    "SELECT tx_id::text::bigint, position FROM events"
+    " WHERE type = '{type}' AND recorded_at >= now() - %s::interval"
+    " ORDER BY tx_id, position LIMIT 1"
+)
+_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_MAX_POSITION = 2**63 - 1
 # Version 1 of a stream is its first event, which never changes.
 _READ_FIRST = f"SELECT {_COLUMNS} FROM events WHERE stream_id = ANY(%s) AND version = 1"  # noqa: S608
 # Every committed event after the checkpoint, horizon or not: a backlog counts what is waiting.
@@ -245,6 +261,35 @@ class EventStore:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         return self._read(_READ_VISIBLE, (str(after.tx_id), after.position, limit), conn)
+
+    def read_type(
+        self, type_name: str, after: Checkpoint, limit: int, *, conn: Connection | None = None
+    ) -> list[RecordedEvent]:
+        """read_all of the events of one type only."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        query = _READ_TYPE.format(type=_type_literal(type_name))
+        return self._read(query, (str(after.tx_id), after.position, limit), conn)
+
+    def recorded_within(self, type_name: str, within: timedelta) -> Checkpoint:
+        """A checkpoint after which read_type finds every event of the type recorded within
+        `within` of the database's clock, and nothing it could later miss: never past the
+        horizon."""
+        query = _FIRST_RECORDED.format(type=_type_literal(type_name))
+        with translated_errors(), self._pool.connection() as conn:
+            first = conn.execute(query, (within,)).fetchone()
+            horizon = self.horizon(conn=conn)
+        if first is None or int(first[0]) > horizon.tx_id:
+            return horizon
+        return Checkpoint(int(first[0]), int(first[1]) - 1)
+
+    def horizon(self, *, conn: Connection | None = None) -> Checkpoint:
+        """The last checkpoint before the oldest open transaction: everything up to it has
+        committed (or never will), so a reader that starts after it misses nothing to come."""
+        with translated_errors(), self._reader(conn) as reader:
+            row = reader.execute(_HORIZON).fetchone()
+        assert row is not None  # one row, always
+        return Checkpoint(int(row[0]) - 1, _MAX_POSITION)
 
     def read_first(
         self, stream_ids: Collection[str], *, conn: Connection | None = None
@@ -410,6 +455,14 @@ async def _rollback(conn: AsyncConnection) -> None:
     if conn.info.transaction_status != TransactionStatus.IDLE:
         with suppress(psycopg.Error):
             await conn.execute("ROLLBACK")
+
+
+def _type_literal(type_name: str) -> str:
+    """A registered event type's name, safe to write into a statement between quotes."""
+    event_class(type_name)  # UnknownEventType otherwise
+    if not type_name.isidentifier():
+        raise ValueError(f"{type_name!r} cannot be written into a statement")
+    return type_name
 
 
 def _append_params(

@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from api.accounts import GRANTS, INTROSPECT_SCOPE, AccountError, Accounts
-from api.cli.support import failures_exit_2, prepare_database
+from api.accounts import DEFAULT_GRANTS, INTROSPECT_SCOPE, AccountError, Accounts
+from api.cli.support import failures_exit_2, prepare_database, sessions_count
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.sessions import RequestInfo
 from api.settings import Settings
@@ -49,7 +49,7 @@ def users_remove(name: Annotated[str, typer.Argument(help="The user name.")]) ->
     """Delete a user and end all their sessions (UserRemoved, then SessionEnded user_removed)."""
     with failures_exit_2(), _user_changes() as changes:
         ended = changes.remove(name)
-    typer.echo(f"user {name} removed; {_sessions(ended)} ended")
+    typer.echo(f"user {name} removed; {sessions_count(ended)} ended")
 
 
 @users_app.command("set-password")
@@ -62,7 +62,7 @@ def users_set_password(
     password = _read_secret("password", from_stdin=password_stdin)
     with failures_exit_2(), _user_changes() as changes:
         ended = changes.set_password(name, password)
-    typer.echo(f"password of {name} replaced; {_sessions(ended)} ended")
+    typer.echo(f"password of {name} replaced; {sessions_count(ended)} ended")
 
 
 @users_app.command("set-scopes")
@@ -77,7 +77,7 @@ def users_set_scopes(
     with failures_exit_2(), _user_changes() as changes:
         ended = changes.set_scopes(name, tuple(scopes or ()))
     held = " ".join(scopes or ()) or "no scopes"
-    typer.echo(f"{name} now holds {held}; {_sessions(ended)} ended")
+    typer.echo(f"{name} now holds {held}; {sessions_count(ended)} ended")
 
 
 sessions_app = typer.Typer(help="Live sessions.", no_args_is_help=True)
@@ -91,11 +91,7 @@ def sessions_revoke(
     refused from then on, and their refresh tokens at once."""
     with failures_exit_2(), _user_changes() as changes:
         ended = changes.revoke(user)
-    typer.echo(f"{_sessions(ended)} of {user} ended")
-
-
-def _sessions(count: int) -> str:
-    return f"{count} session" + ("" if count == 1 else "s")
+    typer.echo(f"{sessions_count(ended)} of {user} ended")
 
 
 @contextmanager
@@ -139,7 +135,8 @@ def clients_add(
     ] = None,
 ) -> None:
     """Create a client. A confidential one without --secret-stdin gets a generated secret,
-    printed once. Grants default to password and refresh_token."""
+    printed once. Grants default to password and refresh_token; client_credentials (a token for
+    the client itself, holding its client scopes) is for confidential clients only."""
     confidential = confidential or secret_stdin
     generated = confidential and not secret_stdin
     secret = None
@@ -148,7 +145,7 @@ def clients_add(
     elif generated:
         secret = secrets.token_urlsafe(32)
     with failures_exit_2(), _accounts(secret_key=confidential) as accounts:
-        accounts.add_client(client_id, secret, tuple(grant or GRANTS), tuple(scope or ()))
+        accounts.add_client(client_id, secret, tuple(grant or DEFAULT_GRANTS), tuple(scope or ()))
     kind = "confidential" if confidential else "public"
     typer.echo(f"{kind} client {client_id} created")
     if generated:

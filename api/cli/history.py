@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 from psycopg_pool import ConnectionPool
 
 from api.cli.progress import ProgressBar
-from api.cli.support import failures_exit_2, parse_time, prepare_database
+from api.cli.support import failures_exit_2, parse_time, prepare_database, sessions_count
 from api.settings import Settings
 from ledger.db import open_pool
 from ledger.store import EventStore
@@ -20,6 +21,7 @@ from projections.sql.catalog import CATCH_UP, PROJECTIONS
 from projections.sql.inline import user_sessions
 from projections.sql.rebuild import rebuild as rebuild_projection
 from projections.sql.runner import Runner, lag
+from projections.sql.sweeper import ExpirySweeper
 from projections.streams import session_stream_id
 
 history = typer.Typer()
@@ -53,6 +55,31 @@ def project(
             except KeyboardInterrupt:
                 runner.stop()
                 worker.join(timeout=10)
+
+
+@history.command()
+def sweep(
+    once: Annotated[bool, typer.Option(help="Record the expiries due now and exit.")] = False,
+) -> None:
+    """Record every idle and absolute expiry as its deadline passes (SessionEnded, dated at the
+    deadline). `serve` does this too unless LEDGER_EXPIRY_SWEEP_INTERVAL=0; one sweeper is
+    active at a time across all processes."""
+    with failures_exit_2():
+        settings = Settings.from_env()
+        url = prepare_database(settings)
+        with open_pool(url, max_size=1) as pool:
+            interval = settings.expiry_sweep_interval.total_seconds() or 1.0
+            sweeper = ExpirySweeper(
+                pool, clock=lambda: datetime.now(UTC), policy=settings.policy,
+                interval_seconds=interval,
+            )  # fmt: skip
+            if once:
+                typer.echo(f"{sessions_count(sweeper.sweep())} ended")
+                return
+            signal.signal(signal.SIGTERM, lambda *_: sweeper.stopping.set())
+            typer.echo(f"sweeping every {interval:g} s; Ctrl-C stops", err=True)
+            with suppress(KeyboardInterrupt):
+                sweeper.run()
 
 
 @history.command()

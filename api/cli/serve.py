@@ -12,13 +12,14 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from api.accounts import GRANTS, Accounts
+from api.accounts import DEFAULT_GRANTS, Accounts
 from api.cli.support import failures_exit_2, prepare_database, service_url
 from api.http.transport import log_config
 from api.settings import Settings
 from ledger.db import RUNTIME_ROLE, check_role, open_pool
 
 serve_app = typer.Typer()
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 @serve_app.command()
@@ -93,6 +94,9 @@ def serve(
         # A worker starting on a busy machine (imports, key load, pool) can take longer than
         # uvicorn's 5 s before it answers the supervisor's first ping; it is not hung.
         timeout_worker_healthcheck=30,
+        # Session-end event streams never finish on their own: at shutdown they are cut after
+        # this long, and their readers resume from their last event's id elsewhere.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
 
@@ -123,7 +127,7 @@ def _create_demo_accounts(accounts: Accounts) -> None:
     if accounts.user(DEMO_USER) is None:
         accounts.add_user(DEMO_USER, DEMO_PASSWORD, ("profile",))
     if accounts.client(DEMO_CLIENT) is None:
-        accounts.add_client(DEMO_CLIENT, None, GRANTS)
+        accounts.add_client(DEMO_CLIENT, None, DEFAULT_GRANTS)
 
 
 def demo_walkthrough(base: str) -> str:

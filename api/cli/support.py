@@ -40,6 +40,11 @@ def service_url(settings: Settings, url: str) -> str:
     return url if settings.database_url else create_login_role(url)
 
 
+def sessions_count(count: int) -> str:
+    """`1 session`, `2 sessions`."""
+    return f"{count:,} session" + ("" if count == 1 else "s")
+
+
 def parse_time(text: str) -> datetime:
     """ISO 8601 date or date and time; without a zone it is UTC."""
     try:

@@ -14,7 +14,8 @@ from psycopg_pool import ConnectionPool
 from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
 from api.changes import ChangeFollower, OnChange
 from api.clients import ClientAuthentication
-from api.http import audit, edge, errors, metrics, oauth, openapi, sessions
+from api.feed import SessionEndHub
+from api.http import audit, edge, errors, feeds, metrics, oauth, openapi, sessions
 from api.http.browser import router as browser_router
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.sessions import SessionService
@@ -22,7 +23,9 @@ from api.settings import Settings
 from ledger.clock import Clock, SystemClock
 from ledger.db import RUNTIME_ROLE, AsyncLedgerPool, open_async_pool, open_pool, translated_errors
 from ledger.errors import LedgerError
+from ledger.store import EventStore
 from projections.sql.runner import Runner
+from projections.sql.sweeper import ExpirySweeper
 
 
 def create_app(
@@ -37,7 +40,9 @@ def create_app(
         pool = await run_in_threadpool(lambda: open_pool(database_url, role=RUNTIME_ROLE))
         apool: AsyncLedgerPool | None = None
         runner: Runner | None = None
+        sweeper: ExpirySweeper | None = None
         following: asyncio.Task[None] | None = None
+        feeding: asyncio.Task[None] | None = None
         try:
             apool = await open_async_pool(database_url, role=RUNTIME_ROLE)
             sealer = Sealer(settings.key_encryption_key)
@@ -50,18 +55,19 @@ def create_app(
             await run_in_threadpool(accounts.check_password, None, "")
             app.state.pool = pool
             app.state.settings = settings
+            follower = ChangeFollower(database_url, _changes_to(app), role=RUNTIME_ROLE)
+            app.state.clients = ClientDirectory(apool, live=lambda: follower.listening)
             app.state.service = await run_in_threadpool(
                 SessionService,
                 pool,
                 apool,
                 accounts,
+                app.state.clients,
                 settings,
                 now,
                 sealer,
             )
             app.state.metrics = metrics.registry(latency, pool, app.state.service.clock)
-            follower = ChangeFollower(database_url, _changes_to(app), role=RUNTIME_ROLE)
-            app.state.clients = ClientDirectory(apool, live=lambda: follower.listening)
             app.state.client_authentication = ClientAuthentication(
                 pool,
                 apool,
@@ -72,13 +78,26 @@ def create_app(
                 clock=now,
             )
             following = asyncio.create_task(follower.run(), name="ledger-changes")
+            hub = SessionEndHub(database_url, EventStore(pool), role=RUNTIME_ROLE)
+            app.state.session_ends = hub
+            feeding = asyncio.create_task(hub.run(), name="session-end-feed")
             runner = _start_runner(database_url, pool) if settings.run_projections else None
+            if settings.expiry_sweep_interval:
+                sweeper = ExpirySweeper(
+                    pool,
+                    clock=now,
+                    policy=settings.policy,
+                    interval_seconds=settings.expiry_sweep_interval.total_seconds(),
+                ).start()
             yield
         finally:
-            if following is not None:
-                following.cancel()
-                with suppress(asyncio.CancelledError):
-                    await following
+            for task in (following, feeding):
+                if task is not None:
+                    task.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await task
+            if sweeper is not None:
+                await run_in_threadpool(sweeper.stop)
             if runner is not None:
                 await run_in_threadpool(runner.stop)
             if apool is not None:
@@ -102,6 +121,7 @@ def create_app(
     app.include_router(oauth.router)
     app.include_router(sessions.router)
     app.include_router(audit.router)
+    app.include_router(feeds.router)
     app.include_router(metrics.router)
     app.include_router(browser_router)
 

@@ -6,8 +6,6 @@ otherwise, 401 without a valid token).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -15,13 +13,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api.cursors import MAX_BIGINT, decode_cursor, encode_cursor
 from api.errors import InsufficientScope, InvalidRequest, NotFound
 from api.http import openapi as oas
 from api.http.dependencies import Caller, Service
 from api.http.errors import NO_STORE
 from ledger.db import translated_errors
 from ledger.events import unknown_types
-from ledger.records import START, Checkpoint, RecordedEvent
+from ledger.records import START, RecordedEvent
 from ledger.serialization import format_timestamp
 from ledger.store import EventStore
 from projections import session
@@ -44,13 +43,11 @@ async def _auditor(caller: Caller) -> str:
 Auditor = Annotated[str, Depends(_auditor)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 Version = Annotated[int, Query(ge=0, le=2**31 - 1)]
-MAX_BIGINT = 2**63 - 1
 Position = Annotated[int, Query(ge=0, le=MAX_BIGINT)]
 # Times far enough from datetime's and PostgreSQL's limits that a session's durations added to
 # them stay representable.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
-_MAX_CURSOR_CHARS = 64
 DATE_TIME: dict[str, Any] = {"format": "date-time"}  # ISO 8601 (RFC 3339 in the schema)
 
 
@@ -185,24 +182,6 @@ def point_in_time_body(view: PointInTime, policy: session.Policy) -> dict[str, A
         "ip": state.ip,
         "user_agent": state.user_agent,
     }
-
-
-def encode_cursor(checkpoint: Checkpoint) -> str:
-    raw = f"{checkpoint.tx_id}:{checkpoint.position}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(text: str) -> Checkpoint:
-    if len(text) > _MAX_CURSOR_CHARS:
-        raise InvalidRequest("malformed cursor")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-        tx_id, position = (int(part) for part in raw.split(":"))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest("malformed cursor") from None
-    if not (0 <= tx_id <= MAX_BIGINT and 0 <= position <= MAX_BIGINT):
-        raise InvalidRequest("malformed cursor")
-    return Checkpoint(tx_id, position)
 
 
 def _time(text: str, name: str) -> datetime:

@@ -200,6 +200,7 @@ def _granted(grant: TokenGrant, service: SessionService) -> JSONResponse:
         "idle_timeout": int(service.policy.idle_timeout.total_seconds()),
     }
     response = JSONResponse(body, headers=NO_STORE)
+    assert grant.refresh_token is not None  # a login's or a refresh's grant has one
     response.set_cookie(
         REFRESH_COOKIE,
         grant.refresh_token,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import GRANTS, INTROSPECT_SCOPE, Client
+from api.accounts import CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS, Client
 from api.clients import ClientAuthentication
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
@@ -25,7 +25,7 @@ router = APIRouter()
 async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     form = await read_form(request)
     grant_type = required(form, "grant_type")
-    if grant_type not in GRANTS:
+    if grant_type not in SUPPORTED_GRANTS:
         raise UnsupportedGrantType(f"grant_type {grant_type[:40]!r} is not supported")
     client = await _authenticate_client(request, form, info)
     if grant_type not in client.grants:
@@ -35,6 +35,9 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
         grant = await run_in_threadpool(
             service.login, username, password, client, form.get("scope"), info
         )
+    elif grant_type == CLIENT_CREDENTIALS:
+        # RFC 6749 §4.4.2: only a confidential client, which add_client ensures of this grant.
+        grant = await run_in_threadpool(service.grant_client, client, form.get("scope"), info)
     else:
         if "scope" in form:
             raise InvalidRequest("a refresh keeps the session's scope; omit scope")
@@ -84,7 +87,10 @@ async def metadata(request: Request) -> JSONResponse:
             "revocation_endpoint": f"{issuer}/oauth/revoke",
             "introspection_endpoint": f"{issuer}/oauth/introspect",
             "jwks_uri": f"{issuer}/.well-known/jwks.json",
-            "grant_types_supported": ["password", "refresh_token"],
+            # Not in RFC 8414's registry (which allows more): where resource servers follow
+            # session ends (session_ledger_guard reads it).
+            "session_ends_endpoint": f"{issuer}/feeds/session-ends",
+            "grant_types_supported": list(SUPPORTED_GRANTS),
             "response_types_supported": [],
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
@@ -119,10 +125,12 @@ async def _authenticate_client(request: Request, form: dict[str, str], info: Req
 
 
 def _token_body(grant: TokenGrant) -> dict[str, Any]:
-    return {
+    body = {
         "access_token": grant.access_token,
         "token_type": "Bearer",
         "expires_in": grant.expires_in,
-        "refresh_token": grant.refresh_token,
         "scope": " ".join(grant.scope),
     }
+    if grant.refresh_token is not None:  # RFC 6749 §4.4.3: none for client_credentials
+        body["refresh_token"] = grant.refresh_token
+    return body

@@ -148,6 +148,19 @@ BEARER = {
     ]
 }
 
+FEED_READER = {
+    "parameters": [
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": True,
+            "description": "Bearer <access token holding sessions:read> (RFC 6750 §2.1), or"
+            " Basic <a confidential client holding the client scope sessions:read>",
+            "schema": {"type": "string", "pattern": "^(Bearer|Basic) [A-Za-z0-9._~+/-]+=*$"},
+        }
+    ]
+}
+
 # -- response bodies ------------------------------------------------------------------------------
 
 _TOKEN_BODY = {
@@ -294,6 +307,37 @@ AUDIT_ALERTS_RESPONSES: dict[int | str, Schema] = {
         _object({"alerts": {"type": "array", "items": {"type": "object"}}}, ["alerts"]),
     ),
     **AUDIT_ERRORS,
+}
+_SESSION_END: Schema = _object(
+    {
+        "cursor": {"type": "string"},
+        "sid": {"type": "string"},
+        "sub": {"type": "string"},
+        "client_id": {"type": "string"},
+        "reason": {"type": "string"},
+        "ended_at": _TIME,
+    },
+    ["cursor", "sid", "sub", "client_id", "reason", "ended_at"],
+)
+_FEED_PAGE: Schema = _object(
+    {"events": {"type": "array", "items": _SESSION_END}, "next": {"type": "string"}},
+    ["events", "next"],
+)
+FEED_RESPONSES: dict[int | str, Schema] = {
+    200: {
+        "description": "a page of session ends (`next`: the cursor of the following page), or with"
+        " Accept: text/event-stream a stream of them",
+        "headers": _NO_STORE_HEADERS,
+        "content": {
+            "application/json": {"schema": _FEED_PAGE},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    },
+    400: _BAD_REQUEST,
+    401: _error("invalid_token or invalid_client, with a WWW-Authenticate challenge", _CHALLENGE),
+    403: _error("insufficient_scope: sessions:read is required", _CHALLENGE),
+    503: _UNAVAILABLE,
+    "4XX": _OTHER,
 }
 METRICS_RESPONSES: dict[int | str, Schema] = {
     200: {

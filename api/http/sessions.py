@@ -32,10 +32,10 @@ async def activity(caller: Caller, service: Service, info: Info) -> Response:
 
 @router.get("/sessions", openapi_extra=oas.BEARER, responses=oas.SESSIONS_RESPONSES)
 async def sessions(caller: Caller, service: Service) -> JSONResponse:
-    claims, _ = caller
+    claims, current = caller
     states = await run_in_threadpool(service.list_sessions, claims.subject)
     policy = service.policy
-    body = [_session_body(s, claims.session_id, policy) for s in states]
+    body = [_session_body(s, current.session_id, policy) for s in states]
     return JSONResponse({"sessions": body}, headers=NO_STORE)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,10 +22,11 @@ from psycopg.types.json import Jsonb
 
 from ledger.records import RecordedEvent
 from ledger.serialization import JsonValue, format_timestamp, parse_timestamp
+from ledger.store import EventStore
 from projections import principal, session
 from projections.principal import PrincipalState
 from projections.session import Retry, Rotation, SessionState, valid_after
-from projections.streams import PRINCIPAL, is_session, key_of, session_id_of
+from projections.streams import PRINCIPAL, is_session, key_of, session_id_of, session_stream
 
 Connection = psycopg.Connection[TupleRow]
 AsyncConnection = psycopg.AsyncConnection[TupleRow]
@@ -55,6 +56,12 @@ _VALID_USER_SESSIONS = (
 )
 _VALID_USER_SESSIONS_BEYOND = _VALID_USER_SESSIONS.replace(
     " ORDER BY", " AND NOT (scope <@ %s::text[]) ORDER BY"
+)
+# The complement of session.is_valid among sessions not ended: due for their expiry's event.
+# Rows a request holds are skipped: that request records the expiry itself if it finds one.
+_DUE_SESSIONS = (
+    "SELECT {columns} FROM {table} WHERE ended_at IS NULL"
+    " AND (last_activity <= %s OR started_at <= %s) LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _PRINCIPAL_COLUMNS = "name, version, recent_failures, locked_until"
 _LOAD_PRINCIPAL = "SELECT {columns} FROM {table} WHERE name = %s"
@@ -161,6 +168,34 @@ def valid_user_sessions(
         params += (list(beyond_scopes),)
     params += (limit,)
     return [_session(row) for row in conn.execute(query, params)]
+
+
+def apply_session_decision(
+    store: EventStore,
+    conn: Connection,
+    state: SessionState,
+    decision: session.Decision,
+    metadata: Mapping[str, object],
+) -> SessionState:
+    """Append the decision's events with `metadata` and save the folded row, in the caller's
+    transaction (which holds the row's lock); the state after."""
+    if not decision.events:
+        return state
+    stream = session_stream(state.session_id)
+    store.append(stream, state.version, decision.events, metadata, conn=conn)
+    for event in decision.events:
+        state = session.evolve(state, state.session_id, event)
+    save_session(conn, state)
+    return state
+
+
+def due_sessions(
+    conn: Connection, now: datetime, policy: session.Policy, limit: int
+) -> list[SessionState]:
+    """Up to `limit` sessions that have not ended but are no longer valid at `now`, their rows
+    locked until the transaction ends (rows locked elsewhere are left out)."""
+    query = statement(_DUE_SESSIONS, "sessions", _SESSION_COLUMNS)
+    return [_session(row) for row in conn.execute(query, (*valid_after(now, policy), limit))]
 
 
 def load_principal(

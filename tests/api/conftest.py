@@ -52,6 +52,7 @@ class LiveServer:
     settings: Settings
     accounts: Accounts
     app: FastAPI
+    stop: Callable[[], None]
 
     def events(self, stream_prefix: str = "") -> list[RecordedEvent]:
         """Every committed event in the ledger (optionally of streams starting with a prefix).
@@ -95,16 +96,25 @@ class LiveServer:
 
 def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
     """Run uvicorn on a free loopback port in a thread; return its URL and a stop function."""
+    sock = loopback_socket()
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", serve_on(app, sock)
+
+
+def loopback_socket(port: int = 0) -> socket.socket:
+    """A socket bound to 127.0.0.1:`port` (0: a free one), which a stopped server's port can be
+    bound to again at once."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}", serve_on(app, sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
 
 
 def serve_on(app: Any, sock: socket.socket) -> Callable[[], None]:
     """Run uvicorn in a thread on a socket bound by the caller; return a stop function."""
     # proxy_headers off, as `serve` runs it: the app reads X-Forwarded-For itself.
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", proxy_headers=False)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", proxy_headers=False, timeout_graceful_shutdown=2
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -147,7 +157,7 @@ def live_factory(
 
     def start(
         policy: Policy = TEST_POLICY,
-        issuer: str = "https://ledger.test",
+        issuer: str | None = "https://ledger.test",
         audience: str = "session-ledger",
         run_projections: bool = False,
         address_logins: RateLimit = DEFAULT_RATE_LIMIT,
@@ -156,10 +166,17 @@ def live_factory(
         demo: bool = False,
         metrics_token: str | None = None,
         trusted_proxies: tuple[IPNetwork, ...] = (),
+        expiry_sweep_interval: timedelta = timedelta(0),
+        feed_heartbeat: timedelta = timedelta(seconds=1),
+        port: int = 0,
     ) -> LiveServer:
+        """A server on `port` (any free one by default); with `issuer` None, its own URL is its
+        issuer, so that clients can follow the metadata's links."""
+        sock = loopback_socket(port)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         settings = Settings(
             database_url=db_url,
-            issuer=issuer,
+            issuer=issuer or url,
             audience=audience,
             policy=policy,
             run_projections=run_projections,
@@ -168,13 +185,15 @@ def live_factory(
             demo=demo,
             metrics_token=metrics_token,
             trusted_proxies=trusted_proxies,
+            expiry_sweep_interval=expiry_sweep_interval,
+            feed_heartbeat=feed_heartbeat,
         )
         app = create_app(settings, db_url, clock=clock, hasher=hasher)
-        url, stop = serve_in_thread(app)
+        stop = serve_on(app, sock)
         http = requests.Session()
         stops.append(stop)
         stops.append(http.close)
-        return LiveServer(url, clock, pool, http, settings, accounts, app)
+        return LiveServer(url, clock, pool, http, settings, accounts, app, stop)
 
     yield start
     for stop in reversed(stops):

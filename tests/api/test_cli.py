@@ -19,6 +19,9 @@ from ledger.chain import Envelope
 from ledger.db import SCHEMA_VERSION
 from ledger.events import ActivityRecorded, SessionEnded
 from ledger.store import EventStore, Stream
+from projections import session
+from projections.session import Policy
+from projections.sql.inline import save_session
 from tests.api.conftest import client_secret_key
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -264,3 +267,20 @@ def test_keys_rotate_adds_a_current_key(db_url: str, pool: ConnectionPool) -> No
         ).fetchall()
     assert [current for _, current in rows] == [False, True]
     assert rows[-1][0] in second.stdout
+
+
+def test_sweep_once_records_the_expiries_that_are_due(db_url: str, pool: ConnectionPool) -> None:
+    started = session.start(
+        user="ada", client_id="spa", scope=(), refresh_token_hash="ab" * 32,
+        ip=None, user_agent=None, now=T0,
+    )  # fmt: skip
+    with pool.connection() as conn, conn.transaction():
+        EventStore(pool).append(Stream("session:s-1", "session"), 0, [started], conn=conn)
+        save_session(conn, session.evolve(None, "s-1", started))
+    env = {"LEDGER_DATABASE_URL": db_url}
+    first, second = run("sweep", "--once", env=env), run("sweep", "--once", env=env)
+    assert (first.returncode, first.stdout) == (0, "1 session ended\n"), first.stderr
+    assert second.stdout == "0 sessions ended\n"
+    ended = EventStore(pool).read_stream("session:s-1")[-1]
+    assert (ended.type, ended.data) == ("SessionEnded", {"reason": "idle_timeout"})
+    assert ended.occurred_at == T0 + Policy().idle_timeout

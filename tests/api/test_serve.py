@@ -31,9 +31,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(*args: str, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Run `session-ledger serve` on a free port until it answers /healthz; stop it after."""
-    port = free_port()
+def serving(
+    *args: str, env: dict[str, str], port: int = 0
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run `session-ledger serve` on `port` (a free one by default) until it answers /healthz;
+    stop it after."""
+    port = port or free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     process = subprocess.Popen(
         [EXECUTABLE, "serve", "--port", str(port), *args],

@@ -114,7 +114,8 @@ def test_metadata_and_jwks(live: LiveServer) -> None:
     assert meta["issuer"] == "https://ledger.test"
     assert meta["token_endpoint"] == "https://ledger.test/oauth/token"
     assert meta["jwks_uri"] == "https://ledger.test/.well-known/jwks.json"
-    assert set(meta["grant_types_supported"]) == {"password", "refresh_token"}
+    assert meta["session_ends_endpoint"] == "https://ledger.test/feeds/session-ends"
+    assert set(meta["grant_types_supported"]) == {"password", "refresh_token", "client_credentials"}
     assert "client_secret_basic" in meta["token_endpoint_auth_methods_supported"]
     keys = live.get("/.well-known/jwks.json").json()["keys"]
     assert [(k["kty"], k["crv"], k["alg"]) for k in keys] == [("OKP", "Ed25519", "EdDSA")]

@@ -156,6 +156,16 @@ def test_the_token_follows_rfc_9068() -> None:
     }
 
 
+def test_a_clients_own_token_has_no_sid_and_its_client_as_sub() -> None:
+    token = issue_access_token(
+        RING, issuer=ISSUER, audience=AUDIENCE, subject="rs", session_id=None, client_id="rs",
+        scope=("sessions:read",), now=NOW, expires_at=EXPIRES,
+    )  # fmt: skip
+    claims = _verify(token)
+    assert (claims.subject, claims.client_id, claims.session_id) == ("rs", "rs", None)
+    assert "sid" not in jwt.decode(token, options={"verify_signature": False})
+
+
 def test_every_token_gets_its_own_jti() -> None:
     assert _verify(_issue()).jwt_id != _verify(_issue()).jwt_id
 
@@ -338,8 +348,11 @@ ATTACKS: dict[str, tuple[Callable[[], str], str]] = {
     "typ missing": (_typ_missing, "not an access token (typ)"),
     **{
         f"no {name}": (_missing(name), f"missing claim {name}")
-        for name in ("iss", "sub", "aud", "exp", "iat", "jti", "client_id", "sid")
+        for name in ("iss", "sub", "aud", "exp", "iat", "jti", "client_id")
     },
+    # Only a client's own token has no sid, and its sub is its client id.
+    "a user's token without sid": (_missing("sid"), "a token without a session is its client's"),
+    "sid as a number": (_signed_claims(sid=7), "malformed claim sid"),
     "exp as a string": (_signed_claims(exp="9999999999"), "malformed claim exp"),
     "exp as true": (_signed_claims(exp=True), "malformed claim exp"),
     "exp beyond year 6000": (_signed_claims(exp=2**62), "malformed claim exp"),

@@ -7,7 +7,6 @@ moves both by the same amount, so no test waits for real time to pass.
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,7 +32,7 @@ from api.http.browser import REFRESH_COOKIE
 from api.settings import Settings
 from ledger.clock import ManualClock
 from projections.session import Policy
-from tests.api.conftest import CHEAP_HASHER, PASSWORD, LiveServer, serve_on
+from tests.api.conftest import CHEAP_HASHER, PASSWORD, LiveServer, loopback_socket, serve_on
 
 CHROMIUM = Path("/usr/bin/chromium")
 expect.set_options(timeout=10_000)  # bounded waits for the page, generous on a loaded machine
@@ -73,14 +72,13 @@ def ledger(
     db_url: str, pool: ConnectionPool, clock: ManualClock, ledger_accounts: Accounts
 ) -> Iterator[LiveServer]:
     """The API in demo mode on a free port; its own origin is the only one allowed (the default)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = Settings(database_url=db_url, issuer=url, policy=SHORT_POLICY, demo=True)
     app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
     stop = serve_on(app, sock)
     with requests.Session() as http:
-        yield LiveServer(url, clock, pool, http, settings, ledger_accounts, app)
+        yield LiveServer(url, clock, pool, http, settings, ledger_accounts, app, stop)
     stop()
 
 

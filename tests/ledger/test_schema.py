@@ -76,7 +76,7 @@ def test_schema_applies_again_without_change(db_url: str, admin: Admin) -> None:
     apply_schema(db_url)
     apply_schema(db_url)
     assert shape() == before
-    assert before == (6, 3, [SCHEMA_VERSION])  # append-only, no truncate, notify
+    assert before == (8, 3, [SCHEMA_VERSION])  # append-only, no truncate, notify
 
 
 def test_duplicate_stream_version_is_refused_by_the_database(admin: Admin) -> None:

@@ -173,8 +173,11 @@ def _assert_rfc_error(operation: Operation, response: Response) -> None:
     assert isinstance(body.get("error_description"), str), body
     assert _header(response, "cache-control") == "no-store", response.headers
     challenge = _header(response, "www-authenticate")
-    if response.status_code == 401 and _is_bearer(operation):
-        assert challenge.startswith('Bearer realm="session-ledger", error="'), challenge
+    bearer = 'Bearer realm="session-ledger", error="'
+    if response.status_code == 401 and _takes("Basic", operation):  # a bearer token, or a client
+        assert challenge.startswith((bearer, "Basic ")), challenge
+    elif response.status_code == 401 and _takes("Bearer", operation):
+        assert challenge.startswith(bearer), challenge
     elif response.status_code == 401:
         assert challenge.startswith("Basic "), challenge
 
@@ -183,8 +186,12 @@ def _header(response: Response, name: str) -> str:
     return ", ".join(response.headers.get(name, []))
 
 
-def _is_bearer(operation: Operation) -> bool:
-    return any(p.name == "Authorization" for p in operation.headers)
+def _takes(scheme: str, operation: Operation) -> bool:
+    """Whether the operation's documented Authorization header admits the scheme."""
+    return any(
+        p.name == "Authorization" and scheme in str(p.definition.get("schema", {}).get("pattern"))
+        for p in operation.headers
+    )
 
 
 # -- the schema's links --------------------------------------------------------------------------

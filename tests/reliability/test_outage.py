@@ -272,8 +272,7 @@ def test_a_database_restart_answers_503_then_recovers_without_losing_an_event(
             # workers are back, as each new connection may reach either.
             wait_until(
                 lambda: all(
-                    requests.get(f"{base}/healthz", timeout=60).status_code == 200
-                    for _ in range(6)
+                    requests.get(f"{base}/healthz", timeout=60).status_code == 200 for _ in range(6)
                 ),
                 timeout=30,
                 what="/healthz to answer 200 again",
