@@ -88,7 +88,7 @@ class Flood:
 
 def verifier_costs(pool: ConnectionPool, rounds: int) -> tuple[float, float]:
     """Median seconds to refuse a wrong secret: argon2id (production), then the keyed hash."""
-    accounts = Accounts(pool, PRODUCTION_HASHER, secret_key=_secret_key(pool))
+    accounts = Accounts(pool, PRODUCTION_HASHER, secret_key=client_secret_key(pool))
     legacy = Client(LEGACY, PRODUCTION_HASHER.hash(SECRET), DEFAULT_GRANTS)
     keyed = Client(KEYED, accounts.secret_hash(SECRET), DEFAULT_GRANTS)
     return (
@@ -107,12 +107,12 @@ def _median(work: Callable[[], bool], rounds: int) -> float:
     return statistics.median(times)
 
 
-def _secret_key(pool: ConnectionPool) -> bytes:
+def client_secret_key(pool: ConnectionPool) -> bytes:
     return load_server_secret(pool, Sealer(None), datetime.now(UTC), CLIENT_SECRET_KEY_NAME)
 
 
 def create_clients(pool: ConnectionPool) -> None:
-    Accounts(pool, secret_key=_secret_key(pool)).add_client(
+    Accounts(pool, secret_key=client_secret_key(pool)).add_client(
         KEYED, SECRET, DEFAULT_GRANTS, (INTROSPECT_SCOPE,)
     )
     with pool.connection() as conn:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from session_ledger_guard import Guard
 
 from api.accounts import SESSIONS_READ_SCOPE, Accounts
 from bench.append import load_average, scratch_run
-from bench.client_secret import _secret_key
+from bench.client_secret import client_secret_key
 from bench.guarded_app import RS_CLIENT
 from bench.refresh import (
     CLIENT,
@@ -94,8 +95,6 @@ def resource_server(issuer: str, log: Path) -> Iterator[int]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -267,7 +266,7 @@ def main() -> None:
     with scratch_run(args.url) as (url, logs):
         create_accounts(url)
         with open_pool(url, max_size=1) as pool:
-            Accounts(pool, secret_key=_secret_key(pool)).add_client(
+            Accounts(pool, secret_key=client_secret_key(pool)).add_client(
                 RS_CLIENT, RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,)
             )
         env = {**os.environ, **SERVER_ENV, "LEDGER_DATABASE_URL": url}

@@ -50,7 +50,7 @@ async def session_ends(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
 ) -> JSONResponse | StreamingResponse:
-    await _reader(request, service, info)
+    await _check_reader(request, service, info)
     store = EventStore(request.app.state.pool)
     resume = after if after is not None else request.headers.get("last-event-id")
     if resume:
@@ -74,14 +74,14 @@ async def session_ends(
     return JSONResponse(body, headers=NO_STORE)
 
 
-async def _reader(request: Request, service: Service, info: Info) -> str:
-    """The client id of a reader allowed to follow the feed; else the RFC 6750 refusal."""
+async def _check_reader(request: Request, service: Service, info: Info) -> None:
+    """Nothing when the reader may follow the feed; else the RFC 6750 refusal."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         claims, _ = await service.verify_bearer(value.strip())
         if SESSIONS_READ_SCOPE not in claims.scope:
             raise InsufficientScope(_NEEDS_SCOPE)
-        return claims.client_id
+        return
     if scheme.lower() == "basic":
         credentials = client_credentials(request, {})
         assert credentials is not None  # a Basic header always names a client
@@ -91,7 +91,7 @@ async def _reader(request: Request, service: Service, info: Info) -> str:
             raise InvalidClient("the feed needs a confidential client")
         if SESSIONS_READ_SCOPE not in client.scopes:
             raise InsufficientScope(_NEEDS_SCOPE)
-        return client.client_id
+        return
     raise BearerRequired(f"a bearer access token with the {SESSIONS_READ_SCOPE} scope is required")
 
 

@@ -104,6 +104,7 @@ class Guard:
         self._leeway = leeway
         self._reconnect_at_most = reconnect_at_most
         self._http = http or httpx.Client(timeout=10.0)
+        self._owns_http = http is None  # a caller's client is the caller's to close
         self._clock = clock  # POSIX seconds: what `exp`, `nbf` and `iat` are checked against
         self._keys: dict[str, tuple[Any, str]] = {}
         self._jwks_read_at = float("-inf")
@@ -148,7 +149,8 @@ class Guard:
                 log.debug("closing the feed's response", exc_info=True)
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._http.close()
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> Guard:
         return self.start()

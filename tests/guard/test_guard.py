@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import requests
@@ -301,3 +302,10 @@ def test_the_fastapi_dependency_answers_as_rfc_6750_says(server: LiveServer, gua
         assert 'error="insufficient_scope"' in forbidden.headers["WWW-Authenticate"]
     finally:
         stop()
+
+
+def test_a_callers_http_client_stays_open_after_close(server: LiveServer) -> None:
+    with httpx.Client(timeout=10) as http:
+        _guard(server, http=http).start().close()
+        assert not http.is_closed
+        assert http.get(f"{server.url}/healthz").status_code == 200
