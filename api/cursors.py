@@ -8,9 +8,9 @@ import base64
 import binascii
 
 from api.errors import InvalidRequest
-from ledger.records import Checkpoint
+from ledger.records import MAX_POSITION, Checkpoint
 
-MAX_BIGINT = 2**63 - 1
+MAX_BIGINT = MAX_POSITION
 _MAX_CURSOR_CHARS = 64
 
 

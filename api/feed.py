@@ -28,6 +28,7 @@ from ledger.records import Checkpoint
 from ledger.serialization import JsonValue, format_timestamp
 from ledger.store import EventStore
 from projections.sql.runner import CHANNEL
+from projections.streams import session_id_of
 
 PAGE = 500
 """The most ends one read returns."""
@@ -78,7 +79,7 @@ def read_ends(store: EventStore, after: Checkpoint, limit: int = PAGE) -> list[S
         ends.append(
             SessionEnd(
                 recorded.checkpoint,
-                recorded.stream_id.removeprefix("session:"),
+                session_id_of(recorded.stream_id),
                 started.user,
                 started.client_id,
                 recorded.event.reason,

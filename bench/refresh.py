@@ -123,7 +123,7 @@ class Server:
 @contextmanager
 def serving(command: Sequence[str], env: dict[str, str], log: Path) -> Iterator[Server]:
     """Run an HTTP server subprocess on a free port until /healthz answers; stop it afterwards."""
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
@@ -140,7 +140,7 @@ def serving(command: Sequence[str], env: dict[str, str], log: Path) -> Iterator[
             _stop(process)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]

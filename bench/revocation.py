@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from bench.refresh import (
     Server,
     api_command,
     create_accounts,
+    free_port,
     progress,
     serving,
 )
@@ -67,7 +67,7 @@ POLL_SECONDS = 0.002
 @contextmanager
 def resource_server(issuer: str, log: Path) -> Iterator[int]:
     """bench.guarded_app in uvicorn on a free port, until its guard follows the feed."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LEDGER_GUARD_ISSUER": issuer, "LEDGER_GUARD_SECRET": RS_SECRET}
     command = [sys.executable, "-m", "uvicorn", "bench.guarded_app:app", "--port", str(port)]
     command += ["--host", "127.0.0.1", "--no-access-log", "--loop", "uvloop"]
@@ -92,12 +92,6 @@ def resource_server(issuer: str, log: Path) -> Iterator[int]:
         finally:
             process.terminate()
             process.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _login(conn: Connection) -> dict[str, str]:

@@ -29,6 +29,8 @@ class Checkpoint(NamedTuple):
 
 
 START = Checkpoint(0, 0)
+MAX_POSITION = 2**63 - 1
+"""The largest tx_id or position a checkpoint can hold (PostgreSQL's bigint)."""
 
 
 @dataclass(frozen=True)

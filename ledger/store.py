@@ -18,7 +18,15 @@ from ledger.chain import GENESIS, BrokenLink, ChainChecker, Envelope
 from ledger.db import translated_errors
 from ledger.errors import ConcurrencyConflict, InvalidImport, LedgerError
 from ledger.events import Event, event_class, event_data
-from ledger.records import START, AppendResult, Checkpoint, ImportRecord, RecordedEvent, Stream
+from ledger.records import (
+    MAX_POSITION,
+    START,
+    AppendResult,
+    Checkpoint,
+    ImportRecord,
+    RecordedEvent,
+    Stream,
+)
 from ledger.serialization import canonical_json, to_json_value
 
 __all__ = [
@@ -109,19 +117,13 @@ _READ_VISIBLE = (
 # read_all of one type. The type is written into the statement (a registered type name, never
 # input), so that a partial index on it (schema.sql has one for SessionEnded) serves even the
 # generic plan of a prepared statement.
-_READ_TYPE = (
-    f"SELECT {_COLUMNS} FROM events WHERE type = '{{type}}'"  # noqa: S608
-    " AND (tx_id, position) > (%s::text::xid8, %s::bigint)"
-    " AND tx_id < pg_snapshot_xmin(pg_current_snapshot())"
-    " ORDER BY tx_id, position LIMIT %s"
-)
+_READ_TYPE = _READ_ALL.replace(" WHERE ", " WHERE type = '{type}' AND ", 1)
 _FIRST_RECORDED = (
     "SELECT tx_id::text::bigint, position FROM events"
     " WHERE type = '{type}' AND recorded_at >= now() - %s::interval"
     " ORDER BY tx_id, position LIMIT 1"
 )
 _HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-_MAX_POSITION = 2**63 - 1
 # Version 1 of a stream is its first event, which never changes.
 _READ_FIRST = f"SELECT {_COLUMNS} FROM events WHERE stream_id = ANY(%s) AND version = 1"  # noqa: S608
 # Every committed event after the checkpoint, horizon or not: a backlog counts what is waiting.
@@ -289,7 +291,7 @@ class EventStore:
         with translated_errors(), self._reader(conn) as reader:
             row = reader.execute(_HORIZON).fetchone()
         assert row is not None  # one row, always
-        return Checkpoint(int(row[0]) - 1, _MAX_POSITION)
+        return Checkpoint(int(row[0]) - 1, MAX_POSITION)
 
     def read_first(
         self, stream_ids: Collection[str], *, conn: Connection | None = None

@@ -12,7 +12,13 @@ from typing import Annotated
 
 import typer
 
-from api.accounts import DEFAULT_GRANTS, INTROSPECT_SCOPE, AccountError, Accounts
+from api.accounts import (
+    DEFAULT_GRANTS,
+    INTROSPECT_SCOPE,
+    SESSIONS_READ_SCOPE,
+    AccountError,
+    Accounts,
+)
 from api.cli.support import failures_exit_2, prepare_database, sessions_count
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.sessions import RequestInfo
@@ -130,7 +136,8 @@ def clients_add(
         typer.Option(
             "--scope",
             help=f"A client scope (such as {INTROSPECT_SCOPE}, which lets a confidential client"
-            " introspect tokens); repeat for more.",
+            f" introspect tokens, or {SESSIONS_READ_SCOPE}, which lets it follow the session-end"
+            " feed); repeat for more.",
         ),
     ] = None,
 ) -> None:

@@ -62,8 +62,8 @@ def sweep(
     once: Annotated[bool, typer.Option(help="Record the expiries due now and exit.")] = False,
 ) -> None:
     """Record every idle and absolute expiry as its deadline passes (SessionEnded, dated at the
-    deadline). `serve` does this too unless LEDGER_EXPIRY_SWEEP_INTERVAL=0; one sweeper is
-    active at a time across all processes."""
+    deadline), every LEDGER_EXPIRY_SWEEP_INTERVAL (1 s when it is 0, which keeps `serve` from
+    sweeping itself). One sweeper is active at a time across all processes."""
     with failures_exit_2():
         settings = Settings.from_env()
         url = prepare_database(settings)

@@ -8,7 +8,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.accounts import Client
+from api.clients import ClientAuthentication
+from api.errors import InvalidClient
 from api.http.errors import BearerRequired
+from api.http.forms import client_credentials
 from api.sessions import RequestInfo, SessionService
 from api.settings import IPNetwork
 from api.tokens import AccessClaims
@@ -74,12 +78,27 @@ Service = Annotated[SessionService, Depends(service_of)]
 Info = Annotated[RequestInfo, Depends(request_info)]
 
 
+def bearer_token(request: Request) -> str | None:
+    """The token of the request's `Authorization: Bearer` header, if it has one."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+async def authenticated_client(request: Request, form: dict[str, str], info: RequestInfo) -> Client:
+    """The client the request authenticates as (HTTP Basic or the form, RFC 6749 §2.3.1);
+    InvalidClient when it names none or its credentials fail."""
+    credentials = client_credentials(request, form)
+    if credentials is None:
+        raise InvalidClient("client authentication is required")
+    authentication: ClientAuthentication = request.app.state.client_authentication
+    return await authentication.authenticate(credentials.client_id, credentials.secret, info)
+
+
 async def caller_of(request: Request, service: Service) -> tuple[AccessClaims, SessionState]:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+    token = bearer_token(request)
+    if token is None:
         raise BearerRequired("a bearer access token is required")
-    return await service.authenticate(value.strip())
+    return await service.authenticate(token)
 
 
 Caller = Annotated[tuple[AccessClaims, SessionState], Depends(caller_of)]

@@ -21,14 +21,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.accounts import SESSIONS_READ_SCOPE
-from api.clients import ClientAuthentication
 from api.cursors import decode_cursor, encode_cursor
 from api.errors import InsufficientScope, InvalidClient
 from api.feed import SessionEnd, SessionEndHub, read_ends, start_of_feed
 from api.http import openapi as oas
-from api.http.dependencies import Info, Service
+from api.http.dependencies import Info, Service, authenticated_client, bearer_token
 from api.http.errors import NO_STORE, BearerRequired
-from api.http.forms import client_credentials
 from ledger.records import Checkpoint
 from ledger.store import EventStore
 
@@ -76,17 +74,14 @@ async def session_ends(
 
 async def _check_reader(request: Request, service: Service, info: Info) -> None:
     """Nothing when the reader may follow the feed; else the RFC 6750 refusal."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        claims, _ = await service.verify_bearer(value.strip())
+    token = bearer_token(request)
+    if token is not None:
+        claims, _ = await service.verify_bearer(token)
         if SESSIONS_READ_SCOPE not in claims.scope:
             raise InsufficientScope(_NEEDS_SCOPE)
         return
-    if scheme.lower() == "basic":
-        credentials = client_credentials(request, {})
-        assert credentials is not None  # a Basic header always names a client
-        authentication: ClientAuthentication = request.app.state.client_authentication
-        client = await authentication.authenticate(credentials.client_id, credentials.secret, info)
+    if request.headers.get("authorization", "")[:6].lower() == "basic ":
+        client = await authenticated_client(request, {}, info)
         if not client.is_confidential:
             raise InvalidClient("the feed needs a confidential client")
         if SESSIONS_READ_SCOPE not in client.scopes:

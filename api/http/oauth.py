@@ -9,14 +9,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS, Client
-from api.clients import ClientAuthentication
+from api.accounts import CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
-from api.http.dependencies import Info, Service
+from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
-from api.http.forms import client_credentials, read_form, required
-from api.sessions import RequestInfo, TokenGrant
+from api.http.forms import read_form, required
+from api.sessions import TokenGrant
 
 router = APIRouter()
 
@@ -27,7 +26,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     grant_type = required(form, "grant_type")
     if grant_type not in SUPPORTED_GRANTS:
         raise UnsupportedGrantType(f"grant_type {grant_type[:40]!r} is not supported")
-    client = await _authenticate_client(request, form, info)
+    client = await authenticated_client(request, form, info)
     if grant_type not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant_type} grant")
     if grant_type == "password":
@@ -54,7 +53,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
 )
 async def revoke(request: Request, service: Service, info: Info) -> Response:
     form = await read_form(request)
-    client = await _authenticate_client(request, form, info)
+    client = await authenticated_client(request, form, info)
     token_value = required(form, "token")  # token_type_hint needs no reading: both are tried
     await run_in_threadpool(service.revoke, token_value, client, info)
     return Response(status_code=200, headers=NO_STORE)
@@ -65,7 +64,7 @@ async def revoke(request: Request, service: Service, info: Info) -> Response:
 )
 async def introspect(request: Request, service: Service, info: Info) -> JSONResponse:
     form = await read_form(request)
-    client = await _authenticate_client(request, form, info)
+    client = await authenticated_client(request, form, info)
     if not client.is_confidential:
         raise InvalidClient("introspection needs a confidential client")
     if INTROSPECT_SCOPE not in client.scopes:
@@ -114,14 +113,6 @@ async def metadata(request: Request) -> JSONResponse:
 async def jwks(service: Service) -> JSONResponse:
     keys = await run_in_threadpool(service.jwks)
     return JSONResponse(keys, headers={"Cache-Control": "public, max-age=60"})
-
-
-async def _authenticate_client(request: Request, form: dict[str, str], info: RequestInfo) -> Client:
-    credentials = client_credentials(request, form)
-    if credentials is None:
-        raise InvalidClient("client authentication is required")
-    authentication: ClientAuthentication = request.app.state.client_authentication
-    return await authentication.authenticate(credentials.client_id, credentials.secret, info)
 
 
 def _token_body(grant: TokenGrant) -> dict[str, Any]:

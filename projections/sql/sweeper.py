@@ -58,9 +58,9 @@ class ExpirySweeper:
         ended = 0
         while True:
             with translated_errors(), self._pool.connection() as conn, conn.transaction():
-                row = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", SWEEP_LOCK)
-                if not (locked := row.fetchone()) or not locked[0]:
-                    return ended
+                lock = "SELECT pg_try_advisory_xact_lock(%s, %s)"
+                if conn.execute(lock, SWEEP_LOCK).fetchone() != (True,):
+                    return ended  # another sweeper is active
                 batch = due_sessions(conn, self._clock(), self._policy, self._batch_size)
                 ended_now = 0
                 for state in batch:

@@ -16,7 +16,7 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
-from api.accounts import INTROSPECT_SCOPE, Accounts
+from api.accounts import INTROSPECT_SCOPE, SESSIONS_READ_SCOPE, Accounts
 from api.http.app import create_app
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.ratelimit import RateLimit
@@ -39,6 +39,29 @@ TEST_POLICY = Policy(
     activity_debounce=timedelta(seconds=60),
 )
 DEFAULT_RATE_LIMIT = RateLimit()
+RS_SECRET = "a-resource-server-secret-of-enough-bits-1234"
+"""The secret of `rs`, the resource server add_resource_server registers."""
+
+
+def add_resource_server(accounts: Accounts, *extra_scopes: str) -> None:
+    """`rs`: a confidential client with the client_credentials grant that may follow the
+    session-end feed (client scope sessions:read, and any `extra_scopes`)."""
+    scopes = (SESSIONS_READ_SCOPE, *extra_scopes)
+    accounts.add_client("rs", RS_SECRET, ("client_credentials",), scopes)
+
+
+def sid(tokens: dict[str, Any]) -> str:
+    """The session id a grant's refresh token names."""
+    return str(tokens["refresh_token"]).split(".")[0]
+
+
+def login_at(url: str, username: str) -> dict[str, Any]:
+    """Log `username` in through the public client spa of the server at `url`."""
+    form = {"grant_type": "password", "client_id": "spa", "username": username}
+    response = requests.post(f"{url}/oauth/token", data={**form, "password": PASSWORD}, timeout=60)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
 
 
 @dataclass

@@ -8,18 +8,14 @@ import pytest
 from authlib.integrations.requests_client import OAuth2Session
 
 from api.accounts import SESSIONS_READ_SCOPE, AccountError, Accounts
-from tests.api.conftest import SECRET, LiveServer
+from tests.api.conftest import RS_SECRET, SECRET, LiveServer, add_resource_server
 from tests.waiting import wait_until
-
-RS_SECRET = "a-resource-server-secret-of-enough-bits-1234"
 
 
 @pytest.fixture
 def rs(live: LiveServer) -> LiveServer:
     """The live server with `rs`, a resource server that follows the session-end feed."""
-    live.accounts.add_client(
-        "rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE, "other:thing")
-    )
+    add_resource_server(live.accounts, "other:thing")
     return live
 
 

@@ -12,7 +12,7 @@ from projections.session import replay
 from projections.sql.inline import load_session
 from projections.sql.sweeper import SWEEP_LOCK, ExpirySweeper
 from projections.streams import session_stream_id
-from tests.api.conftest import TEST_POLICY, LiveServer
+from tests.api.conftest import TEST_POLICY, LiveServer, sid
 from tests.waiting import wait_until
 
 IDLE, ABSOLUTE = TEST_POLICY.idle_timeout, TEST_POLICY.absolute_timeout
@@ -30,10 +30,6 @@ def _ends(live: LiveServer) -> list[tuple[str, object]]:
         for e in live.events("session:")
         if e.type == "SessionEnded"
     ]
-
-
-def _sid(tokens: dict[str, object]) -> str:
-    return str(tokens["refresh_token"]).split(".")[0]
 
 
 def test_an_idle_session_ends_at_its_deadline_without_a_request(
@@ -76,12 +72,12 @@ def test_an_active_session_ends_at_its_absolute_deadline(
 def test_the_projection_row_is_the_fold_of_the_events_after_a_sweep(
     live: LiveServer, sweeper: ExpirySweeper
 ) -> None:
-    sid = _sid(live.login())
+    session_id = sid(live.login())
     live.clock.advance(IDLE)
     assert sweeper.sweep() == 1
-    folded = replay(sid, [e.event for e in live.events(session_stream_id(sid))])
+    folded = replay(session_id, [e.event for e in live.events(session_stream_id(session_id))])
     with live.pool.connection() as conn:
-        assert load_session(conn, sid, for_update=False) == folded
+        assert load_session(conn, session_id, for_update=False) == folded
 
 
 def test_sweeps_go_on_past_one_batch(live: LiveServer) -> None:
@@ -105,15 +101,15 @@ def test_only_one_sweeper_is_active_at_a_time(live: LiveServer, sweeper: ExpiryS
 def test_a_session_a_request_holds_is_left_to_that_request(
     live: LiveServer, sweeper: ExpirySweeper
 ) -> None:
-    sid = _sid(live.login())
+    session_id = sid(live.login())
     live.clock.advance(IDLE)
     with live.pool.connection() as other, other.transaction():
-        load_session(other, sid, for_update=True)
+        load_session(other, session_id, for_update=True)
         assert sweeper.sweep() == 0
     assert sweeper.sweep() == 1
 
 
-def test_the_server_runs_a_sweeper_that_stops_with_it(
+def test_the_server_runs_a_sweeper_of_its_own(
     live_factory: Callable[..., LiveServer],
 ) -> None:
     live = live_factory(expiry_sweep_interval=timedelta(seconds=1))

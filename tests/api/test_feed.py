@@ -15,13 +15,18 @@ import psycopg
 import pytest
 import requests
 
-from api.accounts import SESSIONS_READ_SCOPE
 from api.cursors import encode_cursor
 from ledger.records import START
 from projections.sql.sweeper import ExpirySweeper
-from tests.api.conftest import SECRET, TEST_POLICY, LiveServer
+from tests.api.conftest import (
+    RS_SECRET,
+    SECRET,
+    TEST_POLICY,
+    LiveServer,
+    add_resource_server,
+    sid,
+)
 
-RS_SECRET = "a-resource-server-secret-of-enough-bits-1234"
 OLD_START: dict[str, object] = {
     "user": "ada", "client_id": "spa", "scope": [], "refresh_token_hash": "ab" * 32,
     "ip": None, "user_agent": None,
@@ -32,7 +37,7 @@ EVENTS = {"Accept": "text/event-stream"}
 
 @pytest.fixture
 def rs(live: LiveServer) -> LiveServer:
-    live.accounts.add_client("rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,))
+    add_resource_server(live.accounts)
     return live
 
 
@@ -51,14 +56,10 @@ def _page(live: LiveServer, **params: Any) -> dict[str, Any]:
     return body
 
 
-def _sid(tokens: dict[str, Any]) -> str:
-    return str(tokens["refresh_token"]).split(".")[0]
-
-
 def _end_three_ways(live: LiveServer) -> list[tuple[str, str]]:
     """A logout, a reuse detection and an idle expiry; their (sid, reason) in order."""
     out = live.login()
-    live.delete(f"/sessions/{_sid(out)}", headers=live.bearer(out["access_token"]))
+    live.delete(f"/sessions/{sid(out)}", headers=live.bearer(out["access_token"]))
     stolen = live.login(username="bob")
     live.refresh(stolen["refresh_token"])
     live.clock.advance(TEST_POLICY.refresh_grace + timedelta(seconds=1))
@@ -66,7 +67,7 @@ def _end_three_ways(live: LiveServer) -> list[tuple[str, str]]:
     idle = live.login()
     live.clock.advance(TEST_POLICY.idle_timeout)
     ExpirySweeper(live.pool, clock=live.clock.now, policy=TEST_POLICY).sweep()
-    return [(_sid(out), "logout"), (_sid(stolen), "reuse_detected"), (_sid(idle), "idle_timeout")]
+    return [(sid(out), "logout"), (sid(stolen), "reuse_detected"), (sid(idle), "idle_timeout")]
 
 
 def test_a_page_lists_every_end_with_its_session_user_and_client(rs: LiveServer) -> None:
@@ -200,14 +201,14 @@ def _stream(
 
 def test_a_stream_begins_with_recent_ends_and_pushes_each_new_one(rs: LiveServer) -> None:
     before = rs.login()
-    rs.delete(f"/sessions/{_sid(before)}", headers=rs.bearer(before["access_token"]))
+    rs.delete(f"/sessions/{sid(before)}", headers=rs.bearer(before["access_token"]))
     with _stream(rs) as stream:
         first = stream.next_event()
-        assert json.loads(first["data"])["sid"] == _sid(before)
+        assert json.loads(first["data"])["sid"] == sid(before)
         later = rs.login(username="bob")
         rs.delete("/sessions", headers=rs.bearer(later["access_token"]))
         pushed = json.loads(stream.next_event()["data"])
-        assert (pushed["sid"], pushed["sub"], pushed["reason"]) == (_sid(later), "bob", "logout")
+        assert (pushed["sid"], pushed["sub"], pushed["reason"]) == (sid(later), "bob", "logout")
 
 
 def test_last_event_id_resumes_after_the_last_event_seen(rs: LiveServer) -> None:
@@ -230,7 +231,7 @@ def test_many_subscribers_share_one_listener_and_the_pool(
     live_factory: Callable[..., LiveServer], db_url: str
 ) -> None:
     live = live_factory()
-    live.accounts.add_client("rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,))
+    add_resource_server(live.accounts)
 
     def connections() -> int:
         with psycopg.connect(db_url) as conn:
@@ -247,9 +248,9 @@ def test_many_subscribers_share_one_listener_and_the_pool(
         opened = [s.__enter__() for s in streams]
         try:
             tokens = live.login()
-            live.delete(f"/sessions/{_sid(tokens)}", headers=live.bearer(tokens["access_token"]))
+            live.delete(f"/sessions/{sid(tokens)}", headers=live.bearer(tokens["access_token"]))
             for stream in [one, *opened]:
-                assert json.loads(stream.next_event()["data"])["sid"] == _sid(tokens)
+                assert json.loads(stream.next_event()["data"])["sid"] == sid(tokens)
             assert connections() <= with_one + 2  # the pools may open a spare; no more
         finally:
             for s in streams:

@@ -14,23 +14,13 @@ from fastapi import FastAPI, Request
 from psycopg_pool import ConnectionPool
 from session_ledger_guard import Guard, GuardMiddleware
 
-from api.accounts import SESSIONS_READ_SCOPE, Accounts
+from api.accounts import Accounts
 from api.sessions import RequestInfo
 from api.users import UserChanges
 from projections.session import Policy
-from tests.api.conftest import PASSWORD, serve_in_thread
+from tests.api.conftest import RS_SECRET, add_resource_server, login_at, serve_in_thread
 from tests.api.test_serve import free_port, serving, stop_process_group
 from tests.waiting import wait_until
-
-RS_SECRET = "a-resource-server-secret-of-enough-bits-1234"
-
-
-def _login(url: str, username: str) -> dict[str, Any]:
-    form = {"grant_type": "password", "client_id": "spa", "username": username}
-    response = requests.post(f"{url}/oauth/token", data={**form, "password": PASSWORD}, timeout=30)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def _bearer(tokens: dict[str, Any]) -> dict[str, str]:
@@ -55,7 +45,7 @@ class ResourceServer:
 
 @pytest.fixture
 def resource_client(accounts: Accounts) -> str:
-    accounts.add_client("rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,))
+    add_resource_server(accounts)
     return "rs"
 
 
@@ -73,7 +63,7 @@ def test_revocations_reach_a_guarded_api_within_a_second_and_survive_an_outage(
         rs = ResourceServer(guard)
         try:
             logged_out, everywhere, stolen, kept, missed = (
-                _login(url, name) for name in ("ada", "bob", "ada", "ada", "bob")
+                login_at(url, name) for name in ("ada", "bob", "ada", "ada", "bob")
             )
             tokens = (logged_out, everywhere, stolen, kept, missed)
             assert [rs.status(t) for t in tokens] == [200] * 5
@@ -83,7 +73,7 @@ def test_revocations_reach_a_guarded_api_within_a_second_and_survive_an_outage(
             requests.delete(f"{url}/sessions", headers=_bearer(everywhere), timeout=10)
             wait_until(lambda: rs.status(everywhere) == 401, timeout=1.0, what="logout everywhere")
             assert rs.status(missed) == 401  # bob's other session ended with it
-            missed = _login(url, "bob")
+            missed = login_at(url, "bob")
             form = {"grant_type": "refresh_token", "client_id": "spa"}
             for _ in range(2):  # the second presentation is reuse: the session is revoked
                 requests.post(

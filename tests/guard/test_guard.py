@@ -3,6 +3,7 @@ an ended session's still-unexpired token within a second of the end, for every k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -15,14 +16,19 @@ import requests
 from fastapi import Depends, FastAPI, Request
 from session_ledger_guard import Guard, GuardMiddleware, Refused, claims_dependency
 
-from api.accounts import SESSIONS_READ_SCOPE
 from api.sessions import RequestInfo
 from api.users import UserChanges
 from projections.sql.sweeper import ExpirySweeper
-from tests.api.conftest import TEST_POLICY, LiveServer, serve_in_thread
+from tests.api.conftest import (
+    RS_SECRET,
+    TEST_POLICY,
+    LiveServer,
+    add_resource_server,
+    serve_in_thread,
+    sid,
+)
 from tests.waiting import wait_until
 
-RS_SECRET = "a-resource-server-secret-of-enough-bits-1234"
 AUDIENCE = "session-ledger"
 LiveFactory = Callable[..., LiveServer]
 
@@ -31,7 +37,7 @@ LiveFactory = Callable[..., LiveServer]
 def server(live_factory: LiveFactory) -> LiveServer:
     """A session server whose issuer is its own URL, and the resource server's client."""
     live = live_factory(issuer=None)
-    live.accounts.add_client("rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,))
+    add_resource_server(live.accounts)
     return live
 
 
@@ -53,10 +59,6 @@ def guard(server: LiveServer) -> Iterator[Guard]:
         yield started
 
 
-def _sid(tokens: dict[str, Any]) -> str:
-    return str(tokens["refresh_token"]).split(".")[0]
-
-
 def _refused_within_a_second(guard: Guard, token: str) -> Refused:
     refusals: list[Refused] = []
 
@@ -73,7 +75,7 @@ def _refused_within_a_second(guard: Guard, token: str) -> Refused:
 
 
 def _logout(live: LiveServer, tokens: dict[str, Any]) -> None:
-    live.delete(f"/sessions/{_sid(tokens)}", headers=live.bearer(tokens["access_token"]))
+    live.delete(f"/sessions/{sid(tokens)}", headers=live.bearer(tokens["access_token"]))
 
 
 def _logout_everywhere(live: LiveServer, tokens: dict[str, Any]) -> None:
@@ -112,7 +114,7 @@ def test_an_ended_sessions_unexpired_token_is_refused_within_a_second(
 ) -> None:
     tokens = server.login()
     claims = guard.verify(tokens["access_token"])
-    assert (claims["sub"], claims["sid"]) == ("ada", _sid(tokens))
+    assert (claims["sub"], claims["sid"]) == ("ada", sid(tokens))
     ENDS[end](server, tokens)
     refused = _refused_within_a_second(guard, tokens["access_token"])
     assert (refused.status_code, refused.error) == (401, "invalid_token")
@@ -128,11 +130,9 @@ def test_an_ended_sessions_unexpired_token_is_refused_within_a_second(
 def test_an_idle_expiry_is_announced_by_the_sweeper_and_refused(
     live_factory: LiveFactory,
 ) -> None:
-    policy = TEST_POLICY.__class__(
-        access_token_ttl=timedelta(minutes=15), idle_timeout=timedelta(minutes=10)
-    )
+    policy = dataclasses.replace(TEST_POLICY, idle_timeout=timedelta(minutes=10))
     live = live_factory(issuer=None, policy=policy)
-    live.accounts.add_client("rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,))
+    add_resource_server(live.accounts)
     with _guard(live) as guard:
         tokens = live.login()
         guard.verify(tokens["access_token"])
@@ -212,7 +212,7 @@ def test_the_guard_resumes_from_its_cursor_after_the_server_went_away(
     live_factory: LiveFactory,
 ) -> None:
     first = live_factory(issuer=None)
-    first.accounts.add_client("rs", RS_SECRET, ("client_credentials",), (SESSIONS_READ_SCOPE,))
+    add_resource_server(first.accounts)
     port = int(first.url.rsplit(":", 1)[1])
     with _guard(first, max_staleness=60.0) as guard:
         seen = first.login()

@@ -30,7 +30,7 @@ from ledger.embedded import stop_embedded
 from ledger.store import START, EventStore
 from projections.sql.catalog import PROJECTIONS
 from projections.sql.rebuild import rebuild
-from tests.api.conftest import CHEAP_HASHER, PASSWORD, TEST_POLICY, serve_in_thread
+from tests.api.conftest import CHEAP_HASHER, PASSWORD, TEST_POLICY, login_at, serve_in_thread
 from tests.api.test_cli import EXECUTABLE, run
 from tests.api.test_serve import free_port, stop_process_group
 from tests.waiting import wait_until
@@ -229,14 +229,6 @@ class ClientLoop:
         return seen
 
 
-def login(base: str, username: str) -> dict[str, Any]:
-    form = {"grant_type": "password", "client_id": "spa", "username": username}
-    response = requests.post(f"{base}/oauth/token", data={**form, "password": PASSWORD}, timeout=60)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 def timed(call: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
     began = time.monotonic()
     response = call()
@@ -262,7 +254,7 @@ def test_a_database_restart_answers_503_then_recovers_without_losing_an_event(
     data_dir = tmp_path / "pgdata"
     with embedded_database(data_dir) as url:
         with SERVERS[variant](url, tmp_path) as base:
-            before = [login(base, name) for name in ("ada", "bob", "ada")]
+            before = [login_at(base, name) for name in ("ada", "bob", "ada")]
             loop, down, up, recovered = outage_under_load(
                 base, data_dir, url, [t["refresh_token"] for t in before]
             )
