@@ -6,6 +6,7 @@ import select
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
+from time import monotonic
 from typing import Any
 
 import psycopg
@@ -180,22 +181,38 @@ def _pool_options(min_size: int, max_size: int, timeout: float, name: str) -> di
     }
 
 
-def _fail_fast(timeout: float | None, unreachable: bool) -> float | None:
-    """How long a caller may wait for a connection: at most FAIL_FAST_SECONDS while the server
-    is taken for down."""
-    if not unreachable:
-        return timeout
-    return FAIL_FAST_SECONDS if timeout is None else min(timeout, FAIL_FAST_SECONDS)
+class _Wait:
+    """One caller's wait for a connection, in the fail-fast rule LedgerPool describes."""
+
+    def __init__(self, timeout: float) -> None:
+        self.deadline = monotonic() + timeout
+        self.probed = False
+
+    def seconds(self) -> float:
+        """How long to wait now: FAIL_FAST_SECONDS at first, then whatever is left."""
+        left = max(self.deadline - monotonic(), 0.0)
+        return left if self.probed else min(left, FAIL_FAST_SECONDS)
+
+    def may_go_on(self) -> bool:
+        """After a wait ran out on a server that answers: whether to wait once more."""
+        if self.probed or monotonic() >= self.deadline:
+            return False
+        self.probed = True
+        return True
 
 
 class LedgerPool(ConnectionPool):
     """A pool that stops making callers wait out the whole timeout while PostgreSQL is down.
 
-    When a connection comes back broken, or a wait for one times out, and a fresh connection
-    attempt fails too, the server is taken as unreachable: every caller already waiting is
-    answered at once, and until a connection is handed out again new callers wait at most
-    FAIL_FAST_SECONDS (the pool keeps reconnecting in the background meanwhile). A timeout while
-    the server answers is plain saturation and changes nothing.
+    When a connection comes back broken, or a caller has waited FAIL_FAST_SECONDS for one, and
+    a fresh connection attempt fails too, the server is taken as unreachable: every caller
+    already waiting is answered at once, and until a connection is handed out again new callers
+    wait at most FAIL_FAST_SECONDS (the pool keeps reconnecting in the background meanwhile).
+    The check after a caller's first FAIL_FAST_SECONDS matters when every connection was lost
+    where no broken return could tell (in use elsewhere, or closed by a failed reset); it is
+    made at most once per FAIL_FAST_SECONDS, so a merely busy server is not sent a connection
+    attempt per waiting caller. A server that answers is plain saturation: the caller waits out
+    the rest of its timeout.
 
     A connection with input waiting while idle is tested (an empty query) before it is handed
     out: a server that ends a connection (a restart, pg_terminate_backend) sends its reason and
@@ -218,14 +235,21 @@ class LedgerPool(ConnectionPool):
         return conn
 
     def _getconn_fast(self, timeout: float | None) -> psycopg.Connection[tuple[object, ...]]:
-        try:
-            conn = super().getconn(_fail_fast(timeout, self._unreachable))
-        except PoolTimeout:
-            if not self._unreachable and not self._server_answers():
-                self._mark_unreachable()
-            raise
-        self._unreachable = False
-        return conn
+        wait = _Wait(self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                conn = super().getconn(wait.seconds())
+            except PoolTimeout:
+                if self._unreachable:
+                    raise
+                if not self._server_answered_lately():
+                    self._mark_unreachable()
+                    raise
+                if not wait.may_go_on():
+                    raise
+                continue
+            self._unreachable = False
+            return conn
 
     def putconn(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         broken = conn.broken
@@ -247,6 +271,17 @@ class LedgerPool(ConnectionPool):
             self._waiting.clear()
         for client in waiting:
             client.fail(psycopg.OperationalError("PostgreSQL does not accept connections"))
+
+    _answered_at = float("-inf")
+
+    def _server_answered_lately(self) -> bool:
+        """_server_answers, asked at most once per FAIL_FAST_SECONDS while it answers."""
+        if monotonic() - self._answered_at < FAIL_FAST_SECONDS:
+            return True
+        answers = self._server_answers()
+        if answers:
+            self._answered_at = monotonic()
+        return answers
 
     def _server_answers(self) -> bool:
         url = self.conninfo() if callable(self.conninfo) else self.conninfo
@@ -302,14 +337,21 @@ class AsyncLedgerPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
     _unreachable = False
 
     async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[TupleRow]:
-        try:
-            conn = await super().getconn(_fail_fast(timeout, self._unreachable))
-        except PoolTimeout:
-            if not self._unreachable and not await self._server_answers():
-                await self._mark_unreachable()
-            raise
-        self._unreachable = False
-        return conn
+        wait = _Wait(self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                conn = await super().getconn(wait.seconds())
+            except PoolTimeout:
+                if self._unreachable:
+                    raise
+                if not await self._server_answered_lately():
+                    await self._mark_unreachable()
+                    raise
+                if not wait.may_go_on():
+                    raise
+                continue
+            self._unreachable = False
+            return conn
 
     async def putconn(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         broken = conn.broken
@@ -326,6 +368,17 @@ class AsyncLedgerPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
             self._waiting.clear()
         for client in waiting:
             await client.fail(psycopg.OperationalError("PostgreSQL does not accept connections"))
+
+    _answered_at = float("-inf")
+
+    async def _server_answered_lately(self) -> bool:
+        """As LedgerPool._server_answered_lately."""
+        if monotonic() - self._answered_at < FAIL_FAST_SECONDS:
+            return True
+        answers = await self._server_answers()
+        if answers:
+            self._answered_at = monotonic()
+        return answers
 
     async def _server_answers(self) -> bool:
         url = self.conninfo() if callable(self.conninfo) else self.conninfo

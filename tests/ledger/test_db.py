@@ -19,9 +19,11 @@ from psycopg_pool import PoolTimeout
 from ledger.db import (
     FAIL_FAST_SECONDS,
     RUNTIME_ROLE,
+    AsyncLedgerPool,
     LedgerPool,
     connect,
     connect_async,
+    open_async_pool,
     open_pool,
     translated_errors,
 )
@@ -107,6 +109,49 @@ def test_once_the_server_is_found_down_callers_fail_fast_until_it_is_back(
         _allow_connections(pg_server_url, db_url, True)
         # Recovery, with no restart: the pool reconnects on its own.
         wait_until(lambda: _answers(pool), timeout=30, what="the pool to reconnect")
+
+
+def test_a_caller_fails_fast_when_the_server_goes_down_with_every_connection_in_use(
+    db_url: str, pg_server_url: str
+) -> None:
+    # No connection comes back broken to tell the pool: the one it has stays with its holder.
+    with (
+        open_pool(db_url, min_size=1, max_size=1, timeout=120) as pool,
+        ThreadPoolExecutor(max_workers=1) as executor,
+    ):
+        held = pool.getconn()
+        _allow_connections(pg_server_url, db_url, False)
+        caller = executor.submit(_select_one, pool)
+        # Answered after FAIL_FAST_SECONDS and one refused connection attempt, not after its
+        # own 120 s timeout (waited on here for 60 s at most).
+        with pytest.raises(DatabaseUnavailable):
+            caller.result(timeout=60)
+        _allow_connections(pg_server_url, db_url, True)
+        pool.putconn(held)
+        wait_until(lambda: _answers(pool), timeout=30, what="the pool to reconnect")
+
+
+def test_the_async_pool_fails_fast_when_the_server_goes_down_with_every_connection_in_use(
+    db_url: str, pg_server_url: str
+) -> None:
+    async def select_one(pool: AsyncLedgerPool) -> None:
+        with translated_errors():
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+
+    async def scenario() -> None:
+        pool = await open_async_pool(db_url, min_size=1, max_size=1, timeout=120)
+        try:
+            held = await pool.getconn()
+            _allow_connections(pg_server_url, db_url, False)
+            with pytest.raises(DatabaseUnavailable):
+                await asyncio.wait_for(select_one(pool), timeout=60)  # as above: not its 120 s
+            _allow_connections(pg_server_url, db_url, True)
+            await pool.putconn(held)
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
 
 
 def test_connections_cut_while_idle_are_replaced_before_a_caller_gets_one(

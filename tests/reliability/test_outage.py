@@ -35,10 +35,10 @@ from tests.api.test_cli import EXECUTABLE, run
 from tests.api.test_serve import free_port, stop_process_group
 from tests.waiting import wait_until
 
-# The longest any request may take while the database is down. Once a pool has found the
-# server unreachable (a cut connection, then a failed probe) a request waits at most
-# FAIL_FAST_SECONDS (0.5 s) for a connection before its 503, and a probe on a local socket fails
-# at once; seen: 0.5-0.9 s. The rest is headroom for a loaded 2-core machine.
+# The longest any request may take while the database is down. A request waits at most
+# FAIL_FAST_SECONDS (0.5 s) for a connection before the pool probes the server, and a probe on
+# a local socket fails at once; seen: 0.5-0.9 s. The rest is headroom for a loaded 2-core
+# machine.
 REQUEST_BOUND = 5.0
 SERVE_STARTUP = 60.0  # seconds for `serve` to start both workers
 READY = "Application startup complete."  # what uvicorn logs once per worker
