@@ -291,7 +291,7 @@ class LedgerPool(ConnectionPool):
         return False
 
 
-def _input_waiting(conn: psycopg.Connection[Any]) -> bool:
+def _input_waiting(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """Whether an idle connection has something to read: the server's goodbye, an end of file,
     or a notification; a healthy idle connection has nothing."""
     try:
@@ -330,13 +330,23 @@ async def open_async_pool(
 
 
 class AsyncLedgerPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
-    """LedgerPool's fail-fast rule for the event loop's pool (see LedgerPool). Connections are
-    not tested before they are handed out: this pool serves the hot path, and after a restart
-    the first cut connection returned makes the pool test the idle ones."""
+    """LedgerPool's fail-fast rule and its test of idle connections with input waiting, for the
+    event loop's pool (see LedgerPool)."""
 
     _unreachable = False
 
     async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[TupleRow]:
+        conn = await self._getconn_fast(timeout)
+        if not _input_waiting(conn):
+            return conn
+        try:
+            await self.check_connection(conn)
+        except psycopg.Error:
+            await self.putconn(conn)
+            conn = await self._getconn_fast(timeout)
+        return conn
+
+    async def _getconn_fast(self, timeout: float | None) -> psycopg.AsyncConnection[TupleRow]:
         wait = _Wait(self.timeout if timeout is None else timeout)
         while True:
             try:

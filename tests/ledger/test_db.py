@@ -81,6 +81,12 @@ def _select_one(pool: LedgerPool) -> None:
         conn.execute("SELECT 1")
 
 
+async def _select_one_async(pool: AsyncLedgerPool) -> None:
+    with translated_errors():
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+
 def _answers(pool: LedgerPool) -> bool:
     try:
         _select_one(pool)
@@ -134,18 +140,13 @@ def test_a_caller_fails_fast_when_the_server_goes_down_with_every_connection_in_
 def test_the_async_pool_fails_fast_when_the_server_goes_down_with_every_connection_in_use(
     db_url: str, pg_server_url: str
 ) -> None:
-    async def select_one(pool: AsyncLedgerPool) -> None:
-        with translated_errors():
-            async with pool.connection() as conn:
-                await conn.execute("SELECT 1")
-
     async def scenario() -> None:
         pool = await open_async_pool(db_url, min_size=1, max_size=1, timeout=120)
         try:
             held = await pool.getconn()
             _allow_connections(pg_server_url, db_url, False)
-            with pytest.raises(DatabaseUnavailable):
-                await asyncio.wait_for(select_one(pool), timeout=60)  # as above: not its 120 s
+            with pytest.raises(DatabaseUnavailable):  # as above: not after its 120 s
+                await asyncio.wait_for(_select_one_async(pool), timeout=60)
             _allow_connections(pg_server_url, db_url, True)
             await pool.putconn(held)
         finally:
@@ -160,17 +161,26 @@ def test_connections_cut_while_idle_are_replaced_before_a_caller_gets_one(
     with open_pool(db_url, min_size=2, max_size=2, timeout=30) as pool:
         with pool.connection(), pool.connection():
             pass  # both connections open, now idle in the pool
-        name = str(conninfo_to_dict(db_url)["dbname"])
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:  # as a restart would
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-            wait_until(
-                lambda: _backends(conn, name) == 0, timeout=30, what="the cut backends to exit"
-            )
+        _cut_idle_connections(pg_server_url, db_url)
         _select_one(pool)  # answered, not failed on a dead connection
         _select_one(pool)
+
+
+def test_the_async_pool_replaces_connections_cut_while_idle_before_a_caller_gets_one(
+    db_url: str, pg_server_url: str
+) -> None:
+    async def scenario() -> None:
+        pool = await open_async_pool(db_url, min_size=2, max_size=2, timeout=30)
+        try:
+            async with pool.connection(), pool.connection():
+                pass  # both connections open, now idle in the pool
+            _cut_idle_connections(pg_server_url, db_url)
+            await _select_one_async(pool)  # answered, not failed on a dead connection
+            await _select_one_async(pool)
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_healthy_idle_connection_is_handed_out_without_a_test_query(
@@ -190,6 +200,16 @@ def test_a_healthy_idle_connection_is_handed_out_without_a_test_query(
                 "SELECT query FROM pg_stat_activity WHERE pid = %s", (backend,)
             ).fetchone()
             assert row == ("SELECT 'the last statement'",)
+
+
+def _cut_idle_connections(server_url: str, db_url: str) -> None:
+    """End every connection to the test's database, as a restart would, and wait till gone."""
+    name = str(conninfo_to_dict(db_url)["dbname"])
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        wait_until(lambda: _backends(conn, name) == 0, timeout=30, what="the cut backends to exit")
 
 
 def _backends(conn: psycopg.Connection[Any], name: str) -> int:
