@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 from importlib import resources
-from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -27,7 +25,7 @@ from api.http.errors import (
     CrossSiteRequestRefused,
     error_response,
 )
-from api.http.forms import MAX_FIELD_CHARS, read_body
+from api.http.forms import json_text, read_json, required_json_text
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 
@@ -40,7 +38,6 @@ router = APIRouter()
 REFRESH_COOKIE = "__Host-ledger-refresh"
 COOKIE_PATH = "/"
 CUSTOM_HEADER = "X-Requested-With"
-JSON_TYPE = "application/json"
 
 
 async def _require_allowed_origin(request: Request, service: Service, info: Info) -> None:
@@ -72,10 +69,10 @@ ALLOWED_ORIGIN_ONLY = [Depends(_require_allowed_origin)]
     responses=oas.BROWSER_TOKEN_RESPONSES,
 )
 async def login(request: Request, service: Service, info: Info) -> JSONResponse:
-    body = await _read_json(request)
-    username, password = _field(body, "username"), _field(body, "password")
-    scope = _optional_field(body, "scope")
-    client = await _public_client(request, _field(body, "client_id"), "password")
+    body = await read_json(request)
+    username, password = required_json_text(body, "username"), required_json_text(body, "password")
+    scope = json_text(body, "scope")
+    client = await _public_client(request, required_json_text(body, "client_id"), "password")
     grant = await run_in_threadpool(service.login, username, password, client, scope, info)
     return _granted(grant, service)
 
@@ -87,8 +84,8 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     responses=oas.BROWSER_TOKEN_RESPONSES,
 )
 async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
-    body = await _read_json(request)
-    client = await _public_client(request, _field(body, "client_id"), "refresh_token")
+    body = await read_json(request)
+    client = await _public_client(request, required_json_text(body, "client_id"), "refresh_token")
     try:
         token = await _refresh_cookie(request, service, info)
         if not token:
@@ -109,8 +106,8 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
     responses=oas.BROWSER_LOGOUT_RESPONSES,
 )
 async def logout(request: Request, service: Service, info: Info) -> Response:
-    body = await _read_json(request)
-    client = await _public_client(request, _field(body, "client_id"), None)
+    body = await read_json(request)
+    client = await _public_client(request, required_json_text(body, "client_id"), None)
     try:
         token = await _refresh_cookie(request, service, info)
     except InvalidRequest as e:
@@ -228,44 +225,6 @@ async def _public_client(request: Request, client_id: str, grant: str | None) ->
     if grant is not None and grant not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant} grant")
     return client
-
-
-async def _read_json(request: Request) -> dict[str, Any]:
-    body = await read_body(request, JSON_TYPE)
-    try:
-        value = json.loads(body, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the request body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        raise ValueError("a key is repeated")
-    return value
-
-
-def _field(body: dict[str, Any], name: str) -> str:
-    value = _optional_field(body, name)
-    if value is None:
-        raise InvalidRequest(f"field {name!r} is missing")
-    return value
-
-
-def _optional_field(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"field {name!r} must be a non-empty string")
-    if len(value) > MAX_FIELD_CHARS:
-        raise InvalidRequest(f"field {name!r} is too long")
-    if "\x00" in value:
-        raise InvalidRequest(f"field {name!r} contains a NUL character")
-    return value
 
 
 @functools.cache

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from fastapi import Request
@@ -15,6 +17,7 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_FIELD_CHARS = 2048
 MAX_FIELDS = 20
 FORM_TYPE = "application/x-www-form-urlencoded"
+JSON_TYPE = "application/json"
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -98,3 +101,44 @@ def _basic(encoded: str) -> tuple[str, str]:
         raise InvalidClient("malformed Basic credentials")
     # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
     return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request's JSON object body; anything else, or a repeated key, is invalid_request."""
+    body = await read_body(request, JSON_TYPE)
+    try:
+        value = json.loads(body, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("a key is repeated")
+    return value
+
+
+def required_json_text(body: dict[str, Any], name: str) -> str:
+    """json_text of a field that must be present."""
+    value = json_text(body, name)
+    if value is None:
+        raise InvalidRequest(f"field {name!r} is missing")
+    return value
+
+
+def json_text(body: dict[str, Any], name: str) -> str | None:
+    """A JSON body's field, which must be a non-empty string of bounded length when present."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"field {name!r} must be a non-empty string")
+    if len(value) > MAX_FIELD_CHARS:
+        raise InvalidRequest(f"field {name!r} is too long")
+    if "\x00" in value:
+        raise InvalidRequest(f"field {name!r} contains a NUL character")
+    return value

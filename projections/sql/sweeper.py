@@ -11,14 +11,13 @@ one sweeper active at a time across every process; the others find it taken and 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime
 
 from psycopg_pool import ConnectionPool
 
 from ledger.db import translated_errors
-from ledger.errors import LedgerError
+from ledger.periodic import Periodic
 from ledger.store import EventStore
 from projections import session
 from projections.sql.inline import apply_session_decision, due_sessions
@@ -31,8 +30,9 @@ SWEEPER = {"request_id": "expiry-sweeper", "user_agent": "session-ledger expiry 
 _log = logging.getLogger("session_ledger.expiry")
 
 
-class ExpirySweeper:
-    """`sweep` for one pass, `run` in a thread until `stop`."""
+class ExpirySweeper(Periodic):
+    """`sweep` for one pass; `run` (or `start`, in a thread) sweeps every interval until
+    `stop`."""
 
     def __init__(
         self,
@@ -43,14 +43,12 @@ class ExpirySweeper:
         interval_seconds: float = 1.0,
         batch_size: int = 500,
     ) -> None:
+        super().__init__(interval_seconds, name="expiry-sweeper", log=_log)
         self._pool = pool
         self._store = EventStore(pool)
         self._clock = clock
         self._policy = policy
-        self._interval = interval_seconds
         self._batch_size = batch_size
-        self.stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def sweep(self) -> int:
         """End every session whose deadline has passed; the count ended by this pass (0 when
@@ -74,24 +72,5 @@ class ExpirySweeper:
             if len(batch) < self._batch_size or ended_now == 0:
                 return ended
 
-    def run(self) -> None:
-        """Sweep every interval until `stop`; a failed pass (the database away, a lost race)
-        is logged and the next one tries again."""
-        while not self.stopping.is_set():
-            try:
-                self.sweep()
-            except LedgerError as e:
-                _log.warning("expiry sweep failed: %s; trying again", e)
-            self.stopping.wait(self._interval)
-
-    def start(self) -> ExpirySweeper:
-        """Run in a thread of its own."""
-        self._thread = threading.Thread(target=self.run, name="expiry-sweeper", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask `run` to return, and wait (up to `timeout`) for a pass in progress to finish."""
-        self.stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def one_pass(self) -> int:
+        return self.sweep()
