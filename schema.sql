@@ -10,8 +10,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
--- sessions' deadline indexes and the session-end feed's.
-INSERT INTO schema_version (version) VALUES (7) ON CONFLICT DO NOTHING;
+-- sessions' deadline indexes and the session-end feed's. 8: signal_streams.
+INSERT INTO schema_version (version) VALUES (8) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -120,6 +120,33 @@ CREATE TABLE IF NOT EXISTS server_secrets (
     sealed     boolean     NOT NULL,
     created_at timestamptz NOT NULL
 );
+
+-- Shared Signals (SSF) event streams and their delivery state (api/signals.py). A stream's
+-- creation, status changes and deletion are events on its `signal-stream:<id>` stream; this row
+-- holds what delivery needs besides: the cursor (the checkpoint of the last event the receiver
+-- acknowledged, or took with a 202 when pushed), poll acknowledgements ahead of the cursor, and
+-- the push retry state. authorization_header is the receiver's credential for its push
+-- endpoint, sealed like the signing keys; it never enters an event.
+CREATE TABLE IF NOT EXISTS signal_streams (
+    stream_id            text PRIMARY KEY,
+    client_id            text        NOT NULL,
+    method               text        NOT NULL,
+    endpoint_url         text,
+    authorization_header bytea,
+    header_sealed        boolean     NOT NULL DEFAULT false,
+    events_delivered     text[]      NOT NULL,
+    description          text,
+    status               text        NOT NULL CHECK (status IN ('enabled', 'paused', 'disabled')),
+    reason               text,
+    cursor_tx_id         bigint      NOT NULL,
+    cursor_position      bigint      NOT NULL,
+    acked_ahead          text[]      NOT NULL DEFAULT '{}',
+    failures             integer     NOT NULL DEFAULT 0,
+    next_attempt_at      timestamptz,
+    last_error           text,
+    created_at           timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS signal_streams_client ON signal_streams (client_id);
 
 -- Inline projection of session streams, written in the same transaction as their events; every
 -- column is a fold of the stream (projections/session.py) and can be rebuilt from it.
@@ -299,6 +326,7 @@ BEGIN
             hourly_stats, alerts, address_failures TO session_ledger_runtime;
         GRANT SELECT ON hourly_report TO session_ledger_runtime;
         GRANT SELECT, INSERT, UPDATE, DELETE ON login_throttle TO session_ledger_runtime;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON signal_streams TO session_ledger_runtime;
     END IF;
 END
 $$;

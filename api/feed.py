@@ -150,6 +150,12 @@ class SessionEndHub:
                 await news.wait()
         return self._kept_after(after) if after >= self._floor else []
 
+    async def news(self, timeout: float) -> None:
+        """Return when new ends next come in, or after `timeout`."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._news.wait()
+
     def _kept_after(self, after: Checkpoint) -> list[SessionEnd]:
         first = bisect.bisect_right(self._keys, after)
         return self._kept[first : first + PAGE]

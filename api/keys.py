@@ -1,8 +1,11 @@
-"""Access-token signing keys and server secrets, kept in PostgreSQL and sealed at rest."""
+"""Access-token signing keys, the security-event signing key and server secrets, kept in
+PostgreSQL and sealed at rest."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -11,6 +14,7 @@ from datetime import datetime, timedelta
 import psycopg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -25,6 +29,11 @@ REFRESH_KEY_NAME = "refresh_token_key"
 CLIENT_SECRET_KEY_NAME = "client_secret_key"  # noqa: S105 (a row name)
 """The server secret client secrets are hashed under (HMAC-SHA-256)."""
 SEALING_VARIABLE = "LEDGER_KEY_ENCRYPTION_KEY"
+EVENT_KEY_NAME = "security_event_key"
+"""The server_secrets row holding the key Security Event Tokens are signed with."""
+EVENT_KEY_ALGORITHM = "RS256"
+"""The CAEP interoperability profile's algorithm for every SET, with a key of 2048 bits or more."""
+EVENT_KEY_BITS = 2048
 
 KEY_CHANGE_MARGIN = timedelta(seconds=60)
 """How long past its last possible token a retired key stays in the JWKS: for the worker that
@@ -207,18 +216,71 @@ def load_server_secret(
     return secret
 
 
+@dataclass(frozen=True)
+class EventSigningKey:
+    """The RSA key Security Event Tokens are signed with; its kid is its RFC 7638 thumbprint."""
+
+    private_key: rsa.RSAPrivateKey = field(repr=False)
+
+    def public_jwk(self) -> dict[str, str]:
+        numbers = self.private_key.public_key().public_numbers()
+        members = {"e": _b64_uint(numbers.e), "kty": "RSA", "n": _b64_uint(numbers.n)}
+        return {**members, "kid": _thumbprint(members), "alg": EVENT_KEY_ALGORITHM, "use": "sig"}
+
+    @property
+    def kid(self) -> str:
+        return self.public_jwk()["kid"]
+
+
+def load_event_signing_key(pool: ConnectionPool, sealer: Sealer, now: datetime) -> EventSigningKey:
+    """The security-event signing key, created (RSA, EVENT_KEY_BITS) on first need."""
+    require_aware(now, "now")
+    with translated_errors(), pool.connection() as conn, conn.transaction():
+        row = conn.execute(_SELECT_SERVER_KEY, (EVENT_KEY_NAME,)).fetchone()
+        if row is None:
+            conn.execute(_LOCK, (_LOCK_ID,))
+            row = conn.execute(_SELECT_SERVER_KEY, (EVENT_KEY_NAME,)).fetchone()
+        if row is None:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=EVENT_KEY_BITS)
+            stored, sealed = sealer.seal(_pkcs8(key))
+            conn.execute(_INSERT_SERVER_KEY, (EVENT_KEY_NAME, stored, sealed, now))
+            row = (stored, sealed)
+    der = sealer.unseal(bytes(row[0]), bool(row[1]))
+    try:
+        loaded = serialization.load_der_private_key(der, password=None)
+    except ValueError:
+        raise KeyStoreError("the security-event key is not a readable PKCS#8 key") from None
+    if not isinstance(loaded, rsa.RSAPrivateKey) or loaded.key_size < EVENT_KEY_BITS:
+        raise KeyStoreError(f"the security-event key is not an RSA key of {EVENT_KEY_BITS} bits")
+    return EventSigningKey(loaded)
+
+
+def _b64_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _thumbprint(members: dict[str, str]) -> str:
+    """RFC 7638: SHA-256 of the required members, sorted, without whitespace."""
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
+
+
+def _pkcs8(key: Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def _has_current_key(conn: Connection) -> bool:
     row = conn.execute(_HAS_CURRENT_KEY).fetchone()
     return bool(row and row[0])
 
 
 def _insert_key(conn: Connection, sealer: Sealer, key: SigningKey) -> None:
-    der = key.private_key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    stored, sealed = sealer.seal(der)
+    stored, sealed = sealer.seal(_pkcs8(key.private_key))
     conn.execute(_INSERT_KEY, (key.kid, key.algorithm, stored, sealed, key.created_at))
 
 

@@ -66,6 +66,12 @@ class Settings:
     feed_heartbeat: timedelta = timedelta(seconds=15)
     """The longest silence on a session-end event stream before a heartbeat comment
     (LEDGER_FEED_HEARTBEAT)."""
+    signal_push_timeout: timedelta = timedelta(seconds=5)
+    """How long a Shared Signals push to a receiver may take before it counts as failed and is
+    retried (LEDGER_SIGNAL_PUSH_TIMEOUT)."""
+    signal_long_poll: timedelta = timedelta(seconds=10)
+    """How long a Shared Signals poll without `returnImmediately` waits for an event
+    (LEDGER_SIGNAL_LONG_POLL)."""
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Reverse proxies whose X-Forwarded-For names the client (LEDGER_TRUSTED_PROXIES: addresses
     or networks); from anyone else the header is ignored."""
@@ -142,6 +148,8 @@ class Settings:
                 env, "LEDGER_EXPIRY_SWEEP_INTERVAL", timedelta(seconds=1), zero=True
             ),
             feed_heartbeat=_duration(env, "LEDGER_FEED_HEARTBEAT", timedelta(seconds=15)),
+            signal_push_timeout=_duration(env, "LEDGER_SIGNAL_PUSH_TIMEOUT", timedelta(seconds=5)),
+            signal_long_poll=_duration(env, "LEDGER_SIGNAL_LONG_POLL", timedelta(seconds=10)),
             trusted_proxies=_networks(env, "LEDGER_TRUSTED_PROXIES"),
             allowed_origins=_origins(env, "LEDGER_ALLOWED_ORIGINS"),
             demo=_flag(env, "LEDGER_DEMO", False),

@@ -302,6 +302,59 @@ class ClientLocked(Event):
     failures: int
 
 
+# A signal stream (stream_type "signal-stream") holds one Shared Signals event stream's history:
+# its creation, status changes, verification requests, refused events and deletion.
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalStreamCreated(Event):
+    """The client created a Shared Signals stream delivering `events_delivered` by `method`
+    (urn:ietf:rfc:8935 push to `endpoint_url`, or urn:ietf:rfc:8936 poll). A push endpoint's
+    authorization header is the receiver's secret: never recorded."""
+
+    client_id: str
+    method: str
+    endpoint_url: str | None
+    events_delivered: tuple[str, ...]
+    description: str | None
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalStreamStatusChanged(Event):
+    """The stream is now `status` (enabled, paused or disabled), for `reason` if one was given."""
+
+    status: str
+    reason: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalVerificationRequested(Event):
+    """The receiver asked for a verification event echoing `state`; the event is delivered on
+    the stream in its turn."""
+
+    state: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecurityEventRejected(Event):
+    """The receiver refused the SET `jti` with the RFC 8935/8936 error `err`; it is not sent
+    again."""
+
+    jti: str
+    err: str
+    description: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalStreamDeleted(Event):
+    """The client deleted the stream; nothing is delivered on it any more."""
+
+    ip: str | None
+    user_agent: str | None
+
+
 # A browser-refusal stream (stream_type "browser-refusal") holds one refused cross-site request.
 
 

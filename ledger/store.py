@@ -193,10 +193,13 @@ class EventStore:
             raise ConcurrencyConflict(stream.id, expected_version, actual, why)
         return AppendResult(expected_version + len(events), positions)
 
-    def version(self, stream_id: str) -> int:
-        """The stream's current version; 0 when it has no events."""
-        with translated_errors(), self._pool.connection() as conn:
-            row = conn.execute(_VERSION, (stream_id,)).fetchone()
+    def version(self, stream_id: str, *, conn: Connection | None = None) -> int:
+        """The stream's current version; 0 when it has no events.
+
+        With `conn`, the read runs on that connection (inside its transaction, if one is open).
+        """
+        with translated_errors(), self._reader(conn) as reader:
+            row = reader.execute(_VERSION, (stream_id,)).fetchone()
         return 0 if row is None else int(row[0])
 
     def read_stream(

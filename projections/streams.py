@@ -1,8 +1,8 @@
 """The streams sessions live in: their types, how their ids are made and read back.
 
 A stream id is `<type>:<key>` (`session:<session id>`, `principal:<user name>`,
-`client:<client id>`, `browser-refusal:<request id>`). Stored ids keep this form for good:
-changing it would orphan every stream already written.
+`client:<client id>`, `browser-refusal:<request id>`, `signal-stream:<SSF stream id>`). Stored
+ids keep this form for good: changing it would orphan every stream already written.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ CLIENT = "client"
 """The stream type of a client id's failed authentications and locks (one stream per id)."""
 BROWSER_REFUSAL = "browser-refusal"
 """The stream type of a refused cross-site browser request (one stream per request)."""
+SIGNAL_STREAM = "signal-stream"
+"""The stream type of a Shared Signals event stream's history (one stream per SSF stream)."""
 
 
 def session_stream(session_id: str) -> Stream:
@@ -37,6 +39,11 @@ def client_stream(client_id: str) -> Stream:
 def refusal_stream(request_id: str) -> Stream:
     """The stream recording that the browser request `request_id` was refused."""
     return Stream(_stream_id(BROWSER_REFUSAL, request_id), BROWSER_REFUSAL)
+
+
+def signal_stream(stream_id: str) -> Stream:
+    """The stream recording the Shared Signals stream `stream_id`'s history."""
+    return Stream(_stream_id(SIGNAL_STREAM, stream_id), SIGNAL_STREAM)
 
 
 def session_stream_id(session_id: str) -> str:

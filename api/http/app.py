@@ -15,11 +15,17 @@ from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
 from api.changes import ChangeFollower, OnChange
 from api.clients import ClientAuthentication
 from api.feed import SessionEndHub
-from api.http import audit, edge, errors, feeds, metrics, oauth, openapi, sessions
+from api.http import audit, edge, errors, feeds, metrics, oauth, openapi, sessions, signals
 from api.http.browser import router as browser_router
-from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
+from api.keys import (
+    CLIENT_SECRET_KEY_NAME,
+    Sealer,
+    load_event_signing_key,
+    load_server_secret,
+)
 from api.sessions import SessionService
 from api.settings import Settings
+from api.signals import Pusher, Signals
 from ledger.clock import Clock, SystemClock
 from ledger.db import RUNTIME_ROLE, AsyncLedgerPool, open_async_pool, open_pool, translated_errors
 from ledger.errors import LedgerError
@@ -41,6 +47,7 @@ def create_app(
         apool: AsyncLedgerPool | None = None
         runner: Runner | None = None
         sweeper: ExpirySweeper | None = None
+        pusher: Pusher | None = None
         following: asyncio.Task[None] | None = None
         feeding: asyncio.Task[None] | None = None
         try:
@@ -67,7 +74,13 @@ def create_app(
                 now,
                 sealer,
             )
-            app.state.metrics = metrics.registry(latency, pool, app.state.service.clock)
+            event_key = await run_in_threadpool(load_event_signing_key, pool, sealer, now())
+            app.state.signals = Signals(
+                pool, event_key, sealer, issuer=settings.issuer, clock=app.state.service.clock
+            )
+            app.state.metrics = metrics.registry(
+                latency, pool, app.state.service.clock, app.state.signals
+            )
             app.state.client_authentication = ClientAuthentication(
                 pool,
                 apool,
@@ -89,6 +102,12 @@ def create_app(
                     policy=settings.policy,
                     interval_seconds=settings.expiry_sweep_interval.total_seconds(),
                 ).start()
+            pusher = Pusher(
+                app.state.signals,
+                database_url,
+                role=RUNTIME_ROLE,
+                timeout_seconds=settings.signal_push_timeout.total_seconds(),
+            ).start()
             yield
         finally:
             for task in (following, feeding):
@@ -96,8 +115,9 @@ def create_app(
                     task.cancel()
                     with suppress(asyncio.CancelledError):
                         await task
-            if sweeper is not None:
-                await run_in_threadpool(sweeper.stop)
+            for worker in (sweeper, pusher):
+                if worker is not None:
+                    await run_in_threadpool(worker.stop)
             if runner is not None:
                 await run_in_threadpool(runner.stop)
             if apool is not None:
@@ -122,6 +142,7 @@ def create_app(
     app.include_router(sessions.router)
     app.include_router(audit.router)
     app.include_router(feeds.router)
+    app.include_router(signals.router)
     app.include_router(metrics.router)
     app.include_router(browser_router)
 

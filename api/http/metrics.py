@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool
 from api.errors import InvalidToken
 from api.http import openapi
 from api.http.errors import BearerRequired
+from api.signals import Signals, SignalStream
 from ledger.db import translated_errors
 from ledger.store import EventStore
 from projections.sql.catalog import CATCH_UP
@@ -59,7 +60,7 @@ def is_multiprocess() -> bool:
 
 
 def registry(
-    latency: Histogram, pool: ConnectionPool, clock: Callable[[], datetime]
+    latency: Histogram, pool: ConnectionPool, clock: Callable[[], datetime], signals: Signals
 ) -> CollectorRegistry:
     """What /metrics renders: the latency of this app (or of every worker) and the ledger's."""
     registry = CollectorRegistry()
@@ -68,17 +69,21 @@ def registry(
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # every worker's files
     else:
         registry.register(latency)
-    registry.register(_Ledger(pool, clock))
+    registry.register(_Ledger(pool, clock, signals))
     return registry
 
 
 class _Ledger(Collector):
-    """Business counters and projection lag, read from the database at each scrape."""
+    """Business counters, projection lag and Shared Signals delivery lag, read from the
+    database at each scrape."""
 
-    def __init__(self, pool: ConnectionPool, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, pool: ConnectionPool, clock: Callable[[], datetime], signals: Signals
+    ) -> None:
         self._pool = pool
         self._store = EventStore(pool)
         self._clock = clock
+        self._signals = signals
 
     def collect(self) -> Iterator[Metric]:
         with translated_errors(), self._pool.connection() as conn:
@@ -86,6 +91,7 @@ class _Ledger(Collector):
             lags = {p.name: lag(self._store, conn, p, self._clock()) for p in CATCH_UP}
         yield from _counters(totals)
         yield from _lag_gauges(lags)
+        yield from _signal_gauges(self._signals.lags())
 
 
 def _counters(totals: HourlyTotals) -> Iterator[Metric]:
@@ -113,6 +119,27 @@ def _lag_gauges(lags: dict[str, Lag]) -> Iterator[Metric]:
         seconds.add_metric((name,), behind.seconds)
     yield events
     yield seconds
+
+
+def _signal_gauges(lags: list[tuple[SignalStream, float]]) -> Iterator[Metric]:
+    labels = ("stream_id", "client_id", "method")
+    seconds = GaugeMetricFamily(
+        "session_ledger_signal_stream_lag_seconds",
+        "Age of the oldest Security Event Token a Shared Signals stream has yet to deliver"
+        " (0: none waiting).",
+        labels=labels,
+    )
+    failures = GaugeMetricFamily(
+        "session_ledger_signal_stream_push_failures",
+        "Push attempts that failed in a row (reset by the next delivery).",
+        labels=labels,
+    )
+    for stream, lag_seconds in lags:
+        names = (stream.stream_id, stream.client_id, stream.method)
+        seconds.add_metric(names, lag_seconds)
+        failures.add_metric(names, stream.failures)
+    yield seconds
+    yield failures
 
 
 @router.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)

@@ -16,6 +16,7 @@ from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
 from api.http.forms import read_form, required
 from api.sessions import TokenGrant
+from api.signals import Signals
 
 router = APIRouter()
 
@@ -110,9 +111,12 @@ async def metadata(request: Request) -> JSONResponse:
 
 
 @router.get("/.well-known/jwks.json", responses=oas.JWKS_RESPONSES)
-async def jwks(service: Service) -> JSONResponse:
+async def jwks(request: Request, service: Service) -> JSONResponse:
     keys = await run_in_threadpool(service.jwks)
-    return JSONResponse(keys, headers={"Cache-Control": "public, max-age=60"})
+    # The Security Event Token key beside the access-token keys (SSF 1.0 §7.1: one jwks_uri).
+    signals: Signals = request.app.state.signals
+    body = {"keys": [*keys["keys"], signals.key.public_jwk()]}
+    return JSONResponse(body, headers={"Cache-Control": "public, max-age=60"})
 
 
 def _token_body(grant: TokenGrant) -> dict[str, Any]:

@@ -374,3 +374,117 @@ JWKS_RESPONSES: dict[int | str, Schema] = {
     },
     503: _UNAVAILABLE,
 }
+
+# -- Shared Signals (api/http/signals.py) ---------------------------------------------------------
+
+_SSF_ERRORS: dict[int | str, Schema] = {
+    **BEARER_ERRORS,
+    403: _error(
+        "insufficient_scope: a receiver's client_credentials token holding ssf.manage"
+        " (or, to read and poll, ssf.read) is required",
+        _CHALLENGE,
+    ),
+    404: _error("not_found: the receiver has no such stream"),
+}
+_SSF_DELIVERY: Schema = _object(
+    {
+        "method": {"type": "string", "enum": ["urn:ietf:rfc:8935", "urn:ietf:rfc:8936"]},
+        "endpoint_url": {**_NON_EMPTY, "description": "push: the receiver's (https)"},
+        "authorization_header": {**_NON_EMPTY, "description": "push: sent with every SET"},
+    },
+    ["method"],
+)
+_URIS: Schema = {"type": "array", "items": {"type": "string"}}
+_SSF_STREAM: Schema = _object(
+    {
+        "stream_id": {"type": "string"},
+        "iss": {"type": "string"},
+        "aud": {"type": "string"},
+        "delivery": _SSF_DELIVERY,
+        "events_supported": _URIS,
+        "events_delivered": _URIS,
+        "description": {"type": "string"},
+    },
+    ["stream_id", "iss", "aud", "delivery", "events_delivered"],
+)
+_SSF_STATUS: Schema = _object(
+    {
+        "stream_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["enabled", "paused", "disabled"]},
+        "reason": {"type": "string"},
+    },
+    ["stream_id", "status"],
+)
+
+
+def _json_body(properties: Schema, required: list[str]) -> Schema:
+    schema = _object(properties, required)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+SSF_CREATE_REQUEST = _json_body(
+    {"delivery": _SSF_DELIVERY, "events_requested": _URIS, "description": _NON_EMPTY}, []
+)
+SSF_STATUS_REQUEST = _json_body(
+    {
+        "stream_id": _NON_EMPTY,
+        "status": _SSF_STATUS["properties"]["status"],
+        "reason": _NON_EMPTY,
+    },
+    ["stream_id", "status"],
+)
+SSF_VERIFY_REQUEST = _json_body({"stream_id": _NON_EMPTY, "state": _NON_EMPTY}, ["stream_id"])
+SSF_POLL_REQUEST = _json_body(
+    {
+        "maxEvents": {"type": "integer", "minimum": 0},
+        "returnImmediately": {"type": "boolean"},
+        "ack": {"type": "array", "items": {"type": "string"}},
+        "setErrs": {
+            "type": "object",
+            "additionalProperties": _object(
+                {"err": _NON_EMPTY, "description": _NON_EMPTY}, ["err"]
+            ),
+        },
+    },
+    [],
+)
+SSF_CONFIGURATION_RESPONSES: dict[int | str, Schema] = {
+    200: {
+        "description": "Shared Signals (SSF 1.0 §7) transmitter configuration metadata",
+        "content": {
+            "application/json": {"schema": _object({"issuer": {"type": "string"}}, ["issuer"])}
+        },
+    },
+}
+SSF_CREATE_RESPONSES: dict[int | str, Schema] = {
+    201: _json("the new stream's configuration", _SSF_STREAM),
+    **_SSF_ERRORS,
+}
+SSF_READ_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "with stream_id, that stream's configuration; without, a list of the receiver's",
+        {"oneOf": [_SSF_STREAM, {"type": "array", "items": _SSF_STREAM}]},
+    ),
+    **_SSF_ERRORS,
+}
+SSF_STATUS_RESPONSES: dict[int | str, Schema] = {
+    200: _json("the stream's status", _SSF_STATUS),
+    **_SSF_ERRORS,
+}
+SSF_EMPTY_RESPONSES: dict[int | str, Schema] = {
+    204: {"description": "done", "headers": _NO_STORE_HEADERS},
+    **_SSF_ERRORS,
+}
+SSF_POLL_RESPONSES: dict[int | str, Schema] = {
+    200: _json(
+        "RFC 8936 §2.3: the unacknowledged SETs by jti, and whether more are available",
+        _object(
+            {
+                "sets": {"type": "object", "additionalProperties": {"type": "string"}},
+                "moreAvailable": {"type": "boolean"},
+            },
+            ["sets"],
+        ),
+    ),
+    **_SSF_ERRORS,
+}

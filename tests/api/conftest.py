@@ -25,6 +25,7 @@ from ledger.clock import ManualClock
 from ledger.store import START, EventStore, RecordedEvent
 from projections.principal import LockoutPolicy
 from projections.session import Policy
+from projections.sql.sweeper import ExpirySweeper
 from tests.waiting import wait_until
 
 # Cheap argon2id parameters keep the suite fast; verification cost follows the stored hash.
@@ -53,6 +54,20 @@ def add_resource_server(accounts: Accounts, *extra_scopes: str) -> None:
 def sid(tokens: dict[str, Any]) -> str:
     """The session id a grant's refresh token names."""
     return str(tokens["refresh_token"]).split(".")[0]
+
+
+def end_three_ways(live: LiveServer) -> list[tuple[str, str]]:
+    """A logout, a reuse detection and an idle expiry; their (sid, reason) in order."""
+    out = live.login()
+    live.delete(f"/sessions/{sid(out)}", headers=live.bearer(out["access_token"]))
+    stolen = live.login(username="bob")
+    live.refresh(stolen["refresh_token"])
+    live.clock.advance(TEST_POLICY.refresh_grace + timedelta(seconds=1))
+    live.refresh(stolen["refresh_token"])
+    idle = live.login()
+    live.clock.advance(TEST_POLICY.idle_timeout)
+    ExpirySweeper(live.pool, clock=live.clock.now, policy=TEST_POLICY).sweep()
+    return [(sid(out), "logout"), (sid(stolen), "reuse_detected"), (sid(idle), "idle_timeout")]
 
 
 def login_at(url: str, username: str) -> dict[str, Any]:
@@ -191,6 +206,8 @@ def live_factory(
         trusted_proxies: tuple[IPNetwork, ...] = (),
         expiry_sweep_interval: timedelta = timedelta(0),
         feed_heartbeat: timedelta = timedelta(seconds=1),
+        signal_push_timeout: timedelta = timedelta(seconds=2),
+        signal_long_poll: timedelta = timedelta(seconds=2),
         port: int = 0,
     ) -> LiveServer:
         """A server on `port` (any free one by default); with `issuer` None, its own URL is its
@@ -210,6 +227,8 @@ def live_factory(
             trusted_proxies=trusted_proxies,
             expiry_sweep_interval=expiry_sweep_interval,
             feed_heartbeat=feed_heartbeat,
+            signal_push_timeout=signal_push_timeout,
+            signal_long_poll=signal_long_poll,
         )
         app = create_app(settings, db_url, clock=clock, hasher=hasher)
         stop = serve_on(app, sock)

@@ -8,7 +8,6 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -17,13 +16,12 @@ import requests
 
 from api.cursors import encode_cursor
 from ledger.records import START
-from projections.sql.sweeper import ExpirySweeper
 from tests.api.conftest import (
     RS_SECRET,
     SECRET,
-    TEST_POLICY,
     LiveServer,
     add_resource_server,
+    end_three_ways,
     sid,
 )
 
@@ -56,22 +54,8 @@ def _page(live: LiveServer, **params: Any) -> dict[str, Any]:
     return body
 
 
-def _end_three_ways(live: LiveServer) -> list[tuple[str, str]]:
-    """A logout, a reuse detection and an idle expiry; their (sid, reason) in order."""
-    out = live.login()
-    live.delete(f"/sessions/{sid(out)}", headers=live.bearer(out["access_token"]))
-    stolen = live.login(username="bob")
-    live.refresh(stolen["refresh_token"])
-    live.clock.advance(TEST_POLICY.refresh_grace + timedelta(seconds=1))
-    live.refresh(stolen["refresh_token"])
-    idle = live.login()
-    live.clock.advance(TEST_POLICY.idle_timeout)
-    ExpirySweeper(live.pool, clock=live.clock.now, policy=TEST_POLICY).sweep()
-    return [(sid(out), "logout"), (sid(stolen), "reuse_detected"), (sid(idle), "idle_timeout")]
-
-
 def test_a_page_lists_every_end_with_its_session_user_and_client(rs: LiveServer) -> None:
-    ended = _end_three_ways(rs)
+    ended = end_three_ways(rs)
     body = _page(rs)
     assert [(e["sid"], e["reason"]) for e in body["events"]] == ended
     first = body["events"][0]
@@ -83,7 +67,7 @@ def test_a_page_lists_every_end_with_its_session_user_and_client(rs: LiveServer)
 
 
 def test_pages_of_one_resume_with_nothing_skipped_or_repeated(rs: LiveServer) -> None:
-    ended = _end_three_ways(rs)
+    ended = end_three_ways(rs)
     seen, cursor = [], None
     for _ in range(4):
         body = _page(rs, limit=1, **({} if cursor is None else {"after": cursor}))
@@ -106,7 +90,7 @@ def test_without_a_cursor_only_ends_recorded_within_a_token_lifetime_are_listed(
                 " now() - interval '1h', %s, %s)",
                 (version, kind, json.dumps(data), bytes(32), bytes(32)),
             )
-    ended = _end_three_ways(rs)
+    ended = end_three_ways(rs)
     assert [(e["sid"], e["reason"]) for e in _page(rs)["events"]] == ended
     everything = _page(rs, after=encode_cursor(START))["events"]
     assert [e["sid"] for e in everything] == ["old", *(sid for sid, _ in ended)]
@@ -212,7 +196,7 @@ def test_a_stream_begins_with_recent_ends_and_pushes_each_new_one(rs: LiveServer
 
 
 def test_last_event_id_resumes_after_the_last_event_seen(rs: LiveServer) -> None:
-    ended = _end_three_ways(rs)
+    ended = end_three_ways(rs)
     with _stream(rs) as stream:
         first = stream.next_event()
     with _stream(rs, headers={"Last-Event-ID": first["id"], **_rs_token(rs)}) as resumed:

@@ -15,10 +15,12 @@ from cryptography.hazmat.primitives import serialization
 from psycopg_pool import ConnectionPool
 
 from api.keys import (
+    EVENT_KEY_NAME,
     KeyRing,
     KeyStoreError,
     Sealer,
     SigningKey,
+    load_event_signing_key,
     load_keyring,
     load_server_secret,
     new_signing_key,
@@ -355,3 +357,37 @@ def test_the_refresh_secret_is_sealed_with_a_passphrase(pool: ConnectionPool) ->
     assert load_server_secret(pool, Sealer(PASSPHRASE), NOW) == secret
     with pytest.raises(KeyStoreError, match="LEDGER_KEY_ENCRYPTION_KEY"):
         load_server_secret(pool, PLAIN, NOW)
+
+
+# The Security Event Token key.
+
+
+def test_the_event_key_is_rsa_2048_stable_and_concurrently_created_once(
+    pool: ConnectionPool,
+) -> None:
+    keys = _race(pool, 4, lambda: load_event_signing_key(pool, PLAIN, NOW))
+    assert len({k.kid for k in keys}) == 1
+    assert keys[0].private_key.key_size >= 2048
+    assert load_event_signing_key(pool, PLAIN, NOW + timedelta(days=1)).kid == keys[0].kid
+    jwk = keys[0].public_jwk()
+    assert (jwk["kty"], jwk["alg"], jwk["use"]) == ("RSA", "RS256", "sig")
+    assert not {"d", "p", "q", "dp", "dq", "qi"} & set(jwk)
+    token = jwt.encode({"iss": "x"}, keys[0].private_key, algorithm="RS256")
+    assert jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["RS256"]) == {"iss": "x"}
+
+
+def test_the_event_key_is_sealed_with_a_passphrase(pool: ConnectionPool) -> None:
+    key = load_event_signing_key(pool, Sealer(PASSPHRASE), NOW)
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT value, sealed FROM server_secrets WHERE name = %s", (EVENT_KEY_NAME,)
+        ).fetchone()
+    assert row is not None
+    assert row[1] is True
+    der = key.private_key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert der not in bytes(row[0])
+    assert load_event_signing_key(pool, Sealer(PASSPHRASE), NOW).kid == key.kid

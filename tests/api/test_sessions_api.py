@@ -118,8 +118,12 @@ def test_metadata_and_jwks(live: LiveServer) -> None:
     assert set(meta["grant_types_supported"]) == {"password", "refresh_token", "client_credentials"}
     assert "client_secret_basic" in meta["token_endpoint_auth_methods_supported"]
     keys = live.get("/.well-known/jwks.json").json()["keys"]
-    assert [(k["kty"], k["crv"], k["alg"]) for k in keys] == [("OKP", "Ed25519", "EdDSA")]
-    assert "d" not in keys[0]
+    # The access-token key, and the Shared Signals events' key (RS256, the CAEP profile's).
+    assert [(k["kty"], k.get("crv"), k["alg"]) for k in keys] == [
+        ("OKP", "Ed25519", "EdDSA"),
+        ("RSA", None, "RS256"),
+    ]
+    assert not any({"d", "p", "q"} & set(key) for key in keys)
 
 
 def test_listing_shows_only_the_callers_active_sessions(live: LiveServer) -> None:
@@ -199,6 +203,12 @@ def test_bearer_endpoints_refuse_missing_and_bad_tokens(live: LiveServer) -> Non
     assert_invalid_token(live.get("/sessions", headers=live.bearer(tokens["access_token"])))
 
 
+def _access_token_kids(live: LiveServer) -> set[str]:
+    """The JWKS's EdDSA keys: the Shared Signals events' RS256 key stands apart."""
+    keys = live.get("/.well-known/jwks.json").json()["keys"]
+    return {k["kid"] for k in keys if k["alg"] == "EdDSA"}
+
+
 def test_a_rotated_key_signs_new_tokens_at_once_while_old_tokens_still_verify(
     live: LiveServer,
 ) -> None:
@@ -207,8 +217,7 @@ def test_a_rotated_key_signs_new_tokens_at_once_while_old_tokens_still_verify(
     new_kid = rotate_keys(live.pool, Sealer(None), live.clock.now()).kid
 
     def published() -> bool:
-        kids = {k["kid"] for k in live.get("/.well-known/jwks.json").json()["keys"]}
-        return kids == {old_kid, new_kid}
+        return _access_token_kids(live) == {old_kid, new_kid}
 
     # Announced by the database: no reload interval to wait out (it was a minute).
     wait_until(published, timeout=10, what="the running server to publish the new key")
@@ -217,5 +226,4 @@ def test_a_rotated_key_signs_new_tokens_at_once_while_old_tokens_still_verify(
     for token in (old, new):
         assert live.get("/sessions", headers=live.bearer(token)).status_code == 200
     live.clock.advance(timedelta(minutes=16, seconds=1))  # the old key's tokens expired + margin
-    kids = {k["kid"] for k in live.get("/.well-known/jwks.json").json()["keys"]}
-    assert kids == {new_kid}
+    assert _access_token_kids(live) == {new_kid}

@@ -66,6 +66,8 @@ def test_every_variable_is_read() -> None:
             "LEDGER_KEY_ENCRYPTION_KEY": "a passphrase",
             "LEDGER_METRICS_TOKEN": "a scrape token",
             "LEDGER_API_DOCS": "true",
+            "LEDGER_SIGNAL_PUSH_TIMEOUT": "3s",
+            "LEDGER_SIGNAL_LONG_POLL": "30s",
         }
     )
     assert settings.issuer == "https://auth.example.com"
@@ -84,6 +86,8 @@ def test_every_variable_is_read() -> None:
     assert "a passphrase" not in repr(settings)
     assert (settings.metrics_token, settings.api_docs) == ("a scrape token", True)
     assert "a scrape token" not in repr(settings)
+    assert settings.signal_push_timeout == timedelta(seconds=3)
+    assert settings.signal_long_poll == timedelta(seconds=30)
 
 
 @pytest.mark.parametrize(
@@ -100,6 +104,8 @@ def test_every_variable_is_read() -> None:
         ("LEDGER_REFRESH_GRACE_SAME_CLIENT", "yes please"),
         ("LEDGER_ISSUER", "auth.example.com"),
         ("LEDGER_ISSUER", "https://auth.example.com/?x=1"),
+        ("LEDGER_SIGNAL_PUSH_TIMEOUT", "0"),
+        ("LEDGER_SIGNAL_LONG_POLL", "forever"),
     ],
 )
 def test_an_invalid_value_names_its_variable(name: str, value: str) -> None:

@@ -73,6 +73,7 @@ BODY_FIELDS = {
     "token",
 }
 _users = itertools.count()
+RECEIVER_SECRET = "a-shared-signals-receiver-secret-0123456789"
 Operation = APIOperation[Any, Any, Any, Any]
 
 
@@ -99,7 +100,7 @@ def _known_values(live: LiveServer) -> dict[str, list[str]]:
     user = _new_user(live)
     plain = live.login(user, scope="profile")
     auditor = live.login(user, scope="audit")
-    access = [auditor["access_token"], plain["access_token"]]
+    access = [auditor["access_token"], plain["access_token"], _receiver_token(live)]
     return {
         "Authorization": [f"Bearer {token}" for token in access],
         "Origin": [ORIGIN],
@@ -112,6 +113,17 @@ def _known_values(live: LiveServer) -> dict[str, list[str]]:
         "refresh_token": [plain["refresh_token"]],
         "token": [auditor["refresh_token"], *access],
     }
+
+
+def _receiver_token(live: LiveServer) -> str:
+    """A Shared Signals receiver's own token (ssf.manage), for the /ssf/ routes."""
+    if live.accounts.client("receiver") is None:
+        scopes = ("ssf.manage", "ssf.read")
+        live.accounts.add_client("receiver", RECEIVER_SECRET, ("client_credentials",), scopes)
+    form = {"grant_type": "client_credentials"}
+    response = live.post("/oauth/token", data=form, auth=("receiver", RECEIVER_SECRET))
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
 
 
 def _new_user(live: LiveServer) -> str:
@@ -279,7 +291,10 @@ Stats = Counter[tuple[str, str, int]]
 
 
 def test_linked_operations_keep_their_contract(live: LiveServer) -> None:
-    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    # Every scenario holds a user's tokens, which the Shared Signals routes refuse (403): their
+    # links could never be followed, and only make the rule set larger. The stateless test
+    # above fuzzes those routes with a receiver's token.
+    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json").exclude(path_regex="^/ssf/")
     known: dict[str, list[str]] = {}
     schema.hooks.register_hook_with_name(_known_headers(known), "flatmap_headers")
     schema.hooks.register_hook_with_name(_known_body(known), "flatmap_body")
