@@ -10,8 +10,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
--- sessions' deadline indexes and the session-end feed's. 8: signal_streams.
-INSERT INTO schema_version (version) VALUES (8) ON CONFLICT DO NOTHING;
+-- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs.
+INSERT INTO schema_version (version) VALUES (9) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -257,6 +257,22 @@ CREATE TABLE IF NOT EXISTS login_throttle (
     tat     timestamptz NOT NULL
 );
 
+-- DPoP proofs seen (api/dpop.py, RFC 9449 §11.1): a proof's (key thumbprint, jti) is taken once
+-- within its time slot, `slot` (its iat divided by the acceptance window) in partition slot % 4.
+-- Only the current and the previous slot can hold proofs still accepted; the pruner empties a
+-- partition two slots old with TRUNCATE, so storage stays bounded without DELETE.
+CREATE TABLE IF NOT EXISTS dpop_proofs (
+    part smallint NOT NULL CHECK (part BETWEEN 0 AND 3),
+    slot bigint   NOT NULL,
+    jkt  text     NOT NULL,
+    jti  text     NOT NULL,
+    PRIMARY KEY (part, slot, jkt, jti)
+) PARTITION BY LIST (part);
+CREATE TABLE IF NOT EXISTS dpop_proofs_0 PARTITION OF dpop_proofs FOR VALUES IN (0);
+CREATE TABLE IF NOT EXISTS dpop_proofs_1 PARTITION OF dpop_proofs FOR VALUES IN (1);
+CREATE TABLE IF NOT EXISTS dpop_proofs_2 PARTITION OF dpop_proofs FOR VALUES IN (2);
+CREATE TABLE IF NOT EXISTS dpop_proofs_3 PARTITION OF dpop_proofs FOR VALUES IN (3);
+
 -- A pipelined append (ledger.store.queue_append) calls this when it would insert no row: the
 -- stream is not at the expected version, or a newer transaction wrote its head. The error aborts
 -- the transaction, so what was queued after the append (its projection row) is not committed.
@@ -327,6 +343,9 @@ BEGIN
         GRANT SELECT ON hourly_report TO session_ledger_runtime;
         GRANT SELECT, INSERT, UPDATE, DELETE ON login_throttle TO session_ledger_runtime;
         GRANT SELECT, INSERT, UPDATE, DELETE ON signal_streams TO session_ledger_runtime;
+        GRANT SELECT, INSERT ON dpop_proofs TO session_ledger_runtime;
+        GRANT SELECT, TRUNCATE ON dpop_proofs_0, dpop_proofs_1, dpop_proofs_2, dpop_proofs_3
+            TO session_ledger_runtime;
     END IF;
 END
 $$;

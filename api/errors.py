@@ -57,6 +57,10 @@ class InvalidToken(Refusal):
     """
 
 
+class InvalidDpopProof(Refusal):
+    """A DPoP proof (RFC 9449) that is malformed, or fails one of its checks."""
+
+
 class InsufficientScope(Refusal):
     """The access token is valid but lacks a scope the call needs."""
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -225,7 +226,7 @@ class EventSigningKey:
     def public_jwk(self) -> dict[str, str]:
         numbers = self.private_key.public_key().public_numbers()
         members = {"e": _b64_uint(numbers.e), "kty": "RSA", "n": _b64_uint(numbers.n)}
-        return {**members, "kid": _thumbprint(members), "alg": EVENT_KEY_ALGORITHM, "use": "sig"}
+        return {**members, "kid": jwk_thumbprint(members), "alg": EVENT_KEY_ALGORITHM, "use": "sig"}
 
     @property
     def kid(self) -> str:
@@ -260,9 +261,9 @@ def _b64_uint(value: int) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def _thumbprint(members: dict[str, str]) -> str:
-    """RFC 7638: SHA-256 of the required members, sorted, without whitespace."""
-    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+def jwk_thumbprint(members: Mapping[str, str]) -> str:
+    """RFC 7638: base64url SHA-256 of a key's required members, sorted, without whitespace."""
+    canonical = json.dumps(dict(members), sort_keys=True, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from api.errors import (
     InsufficientScope,
     InvalidClient,
+    InvalidDpopProof,
     InvalidGrant,
     InvalidRequest,
     InvalidScope,
@@ -74,6 +75,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     UnsupportedGrantType: Answer(400, "unsupported_grant_type"),
     InvalidGrant: Answer(400, "invalid_grant"),
     InvalidScope: Answer(400, "invalid_scope"),
+    InvalidDpopProof: Answer(400, "invalid_dpop_proof"),  # RFC 9449 §5 at the token endpoint
     # `slow_down` is the code RFC 8628 registers for token endpoint responses.
     TooManyAttempts: Answer(429, "slow_down"),
     InvalidToken: Answer(401, "invalid_token", "Bearer"),
