@@ -10,7 +10,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- Raised with every change below, so that a login that may not apply it can tell it is current.
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
--- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs.
+-- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs, sessions.jkt.
 INSERT INTO schema_version (version) VALUES (9) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
@@ -165,6 +165,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     ended_at      timestamptz,
     end_reason    text
 );
+-- The thumbprint of the DPoP key a session is bound to (RFC 9449), from its SessionStarted.
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS jkt text;
 CREATE INDEX IF NOT EXISTS sessions_user_idx ON sessions (user_name, started_at);
 -- The expiry sweeper's two deadlines, over the sessions that have not ended only.
 CREATE INDEX IF NOT EXISTS sessions_idle_deadline_idx ON sessions (last_activity)

@@ -16,7 +16,7 @@ import hmac
 import math
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,8 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 
-from api.errors import InvalidDpopProof
-from api.keys import jwk_thumbprint
+from api.errors import InvalidDpopProof, UseDpopNonce
+from api.jwk import jwk_thumbprint
 from ledger.clock import require_aware
 
 PROOF_TYPE = "dpop+jwt"
@@ -70,13 +70,14 @@ def check_proof(
     window: timedelta = DEFAULT_WINDOW,
     skew: timedelta = DEFAULT_SKEW,
     access_token: str | None = None,
-    nonce_valid: Callable[[str], bool] | None = None,
+    nonces: Nonces | None = None,
 ) -> Proof:
     """The proof, checked as RFC 9449 §4.3 says; InvalidDpopProof otherwise.
 
     `uri` is the request's URI as the server is known to clients (its issuer's origin); `iat`
     may be up to `window` old and `skew` ahead. With `access_token` (a resource request) `ath`
-    must be its hash (§4.3 point 11); with `nonce_valid`, `nonce` must satisfy it (point 10).
+    must be its hash (§4.3 point 11); with `nonces`, `nonce` must be a current one (point 10),
+    else UseDpopNonce names the nonce to use.
     """
     require_aware(now, "now")
     if len(proof) > MAX_PROOF_CHARS:
@@ -106,10 +107,10 @@ def check_proof(
     ):  # point 9
         raise InvalidDpopProof("the DPoP proof's htu is not this request's URI")
     issued_at = _issued_at(claims["iat"], now, window, skew)  # point 11's freshness
-    if nonce_valid is not None:  # point 10
+    if nonces is not None:  # point 10
         nonce = claims.get("nonce")
-        if not isinstance(nonce, str) or not nonce_valid(nonce):
-            raise InvalidDpopProof("the DPoP proof's nonce is missing or not current")
+        if not isinstance(nonce, str) or not nonces.is_valid(nonce, now):
+            raise UseDpopNonce("the DPoP proof needs the server's nonce", nonces.current(now))
     if access_token is not None and claims.get("ath") != token_hash(access_token):  # point 11
         raise InvalidDpopProof("the DPoP proof's ath is not the access token's hash")
     return Proof(thumbprint(jwk), jti, issued_at)

@@ -61,6 +61,19 @@ class InvalidDpopProof(Refusal):
     """A DPoP proof (RFC 9449) that is malformed, or fails one of its checks."""
 
 
+class UseDpopNonce(InvalidDpopProof):
+    """The proof lacks the server's current nonce (RFC 9449 §8): `nonce` is the one to use."""
+
+    def __init__(self, description: str, nonce: str) -> None:
+        super().__init__(description)
+        self.nonce = nonce
+
+
+class DpopBindingRefused(InvalidToken):
+    """An access token used against its DPoP binding (RFC 9449 §7): a bound one with the Bearer
+    scheme or another key's proof, or an unbound one with the DPoP scheme."""
+
+
 class InsufficientScope(Refusal):
     """The access token is valid but lacks a scope the call needs."""
 

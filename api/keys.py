@@ -4,11 +4,8 @@ PostgreSQL and sealed at rest."""
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import os
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -22,6 +19,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from api.jwk import jwk_thumbprint
 from ledger.clock import require_aware
 from ledger.db import translated_errors
 
@@ -30,6 +28,8 @@ REFRESH_KEY_NAME = "refresh_token_key"
 CLIENT_SECRET_KEY_NAME = "client_secret_key"  # noqa: S105 (a row name)
 """The server secret client secrets are hashed under (HMAC-SHA-256)."""
 SEALING_VARIABLE = "LEDGER_KEY_ENCRYPTION_KEY"
+DPOP_NONCE_KEY_NAME = "dpop_nonce_key"
+"""The server secret DPoP nonces are an HMAC under (api.dpop.Nonces)."""
 EVENT_KEY_NAME = "security_event_key"
 """The server_secrets row holding the key Security Event Tokens are signed with."""
 EVENT_KEY_ALGORITHM = "RS256"
@@ -259,12 +259,6 @@ def load_event_signing_key(pool: ConnectionPool, sealer: Sealer, now: datetime) 
 def _b64_uint(value: int) -> str:
     raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def jwk_thumbprint(members: Mapping[str, str]) -> str:
-    """RFC 7638: base64url SHA-256 of a key's required members, sorted, without whitespace."""
-    canonical = json.dumps(dict(members), sort_keys=True, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
 
 
 def _pkcs8(key: Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:

@@ -17,7 +17,13 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.accounts import Accounts, Client, ClientDirectory, normal_name
-from api.errors import InvalidGrant, InvalidScope, InvalidToken
+from api.errors import (
+    DpopBindingRefused,
+    InvalidDpopProof,
+    InvalidGrant,
+    InvalidScope,
+    InvalidToken,
+)
 from api.keys import KEY_CHANGE_MARGIN, KeyRing, Sealer, load_keyring, load_server_secret
 from api.settings import Settings
 from api.throttle import AddressThrottle
@@ -57,6 +63,16 @@ _REFUSALS = {
     Outcome.ABSOLUTE_TIMEOUT: "the session reached its maximum lifetime",
     Outcome.REUSE_DETECTED: "refresh token reuse detected; the session is revoked",
     Outcome.UNKNOWN_GENERATION: "the refresh token is not valid",
+}
+_DPOP_REFUSALS = {
+    "missing": "this session is bound to a DPoP key: send a DPoP proof signed by it",
+    "another_key": "the DPoP proof is not signed by the key this session is bound to",
+}
+# Why a token was refused against its binding, by (token unbound, no proof).
+_BINDING_REFUSALS = {
+    (False, True): "this access token is DPoP-bound: use the DPoP scheme with a proof",
+    (True, False): "this access token is not DPoP-bound: use the Bearer scheme",
+    (False, False): "the DPoP proof is not signed by the key this access token is bound to",
 }
 BAD_LOGIN = "invalid username or password"
 # SessionEnded reasons of account changes (api.users).
@@ -108,6 +124,8 @@ class TokenGrant:
     refresh_token: str | None  # None for a client's own token (client_credentials)
     scope: tuple[str, ...]
     session_expires_in: int  # seconds to the absolute end: the browser refresh cookie's Max-Age
+    token_type: str = "Bearer"  # noqa: S105 (a token type, not a secret)
+    """`DPoP` for an access token bound to a DPoP key (RFC 9449 §5), else `Bearer`."""
 
 
 class SessionService:
@@ -160,8 +178,16 @@ class SessionService:
     # -- grants -------------------------------------------------------------------------------
 
     def login(
-        self, username: str, password: str, client: Client, scope: str | None, info: RequestInfo
+        self,
+        username: str,
+        password: str,
+        client: Client,
+        scope: str | None,
+        info: RequestInfo,
+        jkt: str | None = None,
     ) -> TokenGrant:
+        """A new session for the user, bound to the DPoP key `jkt` when the request proved
+        possession of one (RFC 9449 §5): its refreshes then need that key's proofs."""
         self._throttle.take(info.ip, self.clock())
         user = self._accounts.user(username)
         # Every spelling of a name (in any case, or full-width) shares one principal and lockout.
@@ -193,19 +219,30 @@ class SessionService:
             ip=info.ip,
             user_agent=info.user_agent,
             now=now,
+            jkt=jkt,
         )
         with self._transaction() as conn:
             self._store.append(_stream(session_id), 0, [started], info.metadata(), conn=conn)
             state_after = session.evolve(None, session_id, started)
             save_session(conn, state_after)
-        return self._grant(state_after, token, now)
+        return self._grant(state_after, token, now, jkt)
 
-    async def refresh(self, token: str, client: Client, info: RequestInfo) -> TokenGrant:
+    async def refresh(
+        self, token: str, client: Client, info: RequestInfo, jkt: str | None = None
+    ) -> TokenGrant:
+        """Rotate the refresh token. `jkt` is the key of the request's DPoP proof: a session
+        bound to a key is refreshed only with that key's proof (RFC 9449 §5); any other try is
+        refused and recorded (DpopProofRefused)."""
         session_id, generation = self._parse_refresh(token)
-        return await _retried(lambda: self._refresh(session_id, generation, client, info))
+        return await _retried(lambda: self._refresh(session_id, generation, client, info, jkt))
 
     async def _refresh(
-        self, session_id: str, generation: int, client: Client, info: RequestInfo
+        self,
+        session_id: str,
+        generation: int,
+        client: Client,
+        info: RequestInfo,
+        jkt: str | None,
     ) -> TokenGrant:
         # The successor; a retry in grace gets it again, as the presented token's successor is
         # then the session's current token (tokens are a MAC of session id and generation).
@@ -218,7 +255,17 @@ class SessionService:
             # The user's current account decides too: a session never outlives its user, nor
             # keeps a scope the user no longer holds (an account change that could not end it).
             lost = lost_privilege(state, holder)
-            if lost is not None:
+            refused = session.decide_dpop(
+                state,
+                jkt,
+                ip=info.ip,
+                user_agent=info.user_agent,
+                now=now,
+                revoke=self._settings.dpop_mismatch_revokes,
+            )
+            if refused is not None:
+                decision = refused
+            elif lost is not None:
                 decision = session.decide_end(state, lost, now, self._policy)
             else:
                 decision = session.decide_refresh(
@@ -231,11 +278,13 @@ class SessionService:
                     policy=self._policy,
                 )
             state = await self._apply_async(tx, state, decision, info)
+        if refused is not None:  # recorded before refusing
+            raise InvalidDpopProof(_DPOP_REFUSALS["missing" if jkt is None else "another_key"])
         if lost is not None and decision.outcome is Outcome.OK:
             raise InvalidGrant(_LOST_PRIVILEGE[lost])
         if not decision.is_granted:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
-        return self._grant(state, next_token, now)
+        return self._grant(state, next_token, now, jkt)
 
     def grant_client(self, client: Client, scope: str | None, info: RequestInfo) -> TokenGrant:
         """RFC 6749 §4.4: an access token for the (authenticated, confidential) client itself,
@@ -268,21 +317,34 @@ class SessionService:
 
     # -- bearer calls ---------------------------------------------------------------------------
 
-    async def verify_bearer(self, access_token: str) -> tuple[AccessClaims, SessionState | None]:
+    async def verify_bearer(
+        self, access_token: str, jkt: str | None = None
+    ) -> tuple[AccessClaims, SessionState | None]:
         """A user's token with its session, valid now; or a client's own token, whose client
-        must still be registered (its session None). Else InvalidToken."""
+        must still be registered (its session None). Else InvalidToken. `jkt` is the key of the
+        request's DPoP proof (the DPoP scheme), which a bound token needs (RFC 9449 §7)."""
+        claims, state = await self._verified(access_token)
+        _check_binding(claims, jkt)
+        return claims, state
+
+    async def authenticate(
+        self, access_token: str, jkt: str | None = None
+    ) -> tuple[AccessClaims, SessionState]:
+        """The token's claims and its session, which must be valid now; else InvalidToken (`jkt`
+        as for verify_bearer)."""
+        now = self.clock()
+        claims = self._verify(access_token, now)
+        _check_binding(claims, jkt)
+        return claims, await self._valid_session(claims, now)
+
+    async def _verified(self, access_token: str) -> tuple[AccessClaims, SessionState | None]:
+        """verify_bearer, whatever the token's binding."""
         now = self.clock()
         claims = self._verify(access_token, now)
         if claims.session_id is None:
             if await self._clients.client(claims.client_id) is None:
                 raise InvalidToken("the token's client is no longer registered")
             return claims, None
-        return claims, await self._valid_session(claims, now)
-
-    async def authenticate(self, access_token: str) -> tuple[AccessClaims, SessionState]:
-        """The token's claims and its session, which must be valid now; else InvalidToken."""
-        now = self.clock()
-        claims = self._verify(access_token, now)
         return claims, await self._valid_session(claims, now)
 
     async def _valid_session(self, claims: AccessClaims, now: datetime) -> SessionState:
@@ -368,7 +430,7 @@ class SessionService:
         now = self.clock()
         if hint != "refresh_token":
             try:
-                claims, _ = await self.verify_bearer(token)
+                claims, _ = await self._verified(token)  # bound or not: the caller is told
             except InvalidToken:
                 pass
             else:
@@ -475,7 +537,11 @@ class SessionService:
         await save_session_async(tx.conn, state)
         return state
 
-    def _grant(self, state: SessionState, token: str, now: datetime) -> TokenGrant:
+    def _grant(self, state: SessionState, token: str, now: datetime, jkt: str | None) -> TokenGrant:
+        """The grant's tokens; the access token is bound to the session's key, or else to the
+        key the request proved (RFC 9449 §5 allows a bound access token beside a bearer
+        refresh token)."""
+        bound = state.jkt or jkt
         ttl_end = now + self._policy.access_token_ttl
         expires_at = min(ttl_end, session.absolute_end_of(state, self._policy))
         access = issue_access_token(
@@ -488,10 +554,12 @@ class SessionService:
             scope=state.scope,
             now=now,
             expires_at=expires_at,
+            jkt=bound,
         )
         expires_in = max(int((expires_at - now) / timedelta(seconds=1)), 0)
         ends_in = (session.absolute_end_of(state, self._policy) - now) // timedelta(seconds=1)
-        return TokenGrant(access, expires_in, token, state.scope, max(ends_in, 0))
+        token_type = "Bearer" if bound is None else "DPoP"
+        return TokenGrant(access, expires_in, token, state.scope, max(ends_in, 0), token_type)
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -631,10 +699,19 @@ def _granted_scope(
     return asked
 
 
+def _check_binding(claims: AccessClaims, jkt: str | None) -> None:
+    """RFC 9449 §7: a bound token only with its key's proof, an unbound one only as Bearer."""
+    if claims.jkt != jkt:
+        raise DpopBindingRefused(_BINDING_REFUSALS[(claims.jkt is None, jkt is None)])
+
+
 def _introspection(claims: AccessClaims, token_type: str) -> dict[str, object]:
+    confirmation = {} if claims.jkt is None else {"cnf": {"jkt": claims.jkt}}
     return {
         "active": True,
-        "token_type": token_type,
+        # RFC 9449 §6.2: a bound token is introspected as a DPoP one, with its key.
+        "token_type": token_type if claims.jkt is None else "DPoP",
+        **confirmation,
         "sub": claims.subject,
         **({} if claims.session_id is None else {"sid": claims.session_id}),
         "client_id": claims.client_id,

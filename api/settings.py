@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from api.dpop import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS, DEFAULT_WINDOW
 from api.ratelimit import RateLimit
 from projections.principal import MAX_TRACKED_FAILURES, LockoutPolicy
 from projections.session import Policy, parse_duration
@@ -66,6 +67,18 @@ class Settings:
     feed_heartbeat: timedelta = timedelta(seconds=15)
     """The longest silence on a session-end event stream before a heartbeat comment
     (LEDGER_FEED_HEARTBEAT)."""
+    dpop_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    """The JWS algorithms a DPoP proof may be signed with (LEDGER_DPOP_ALGORITHMS, asymmetric
+    ones only)."""
+    dpop_window: timedelta = DEFAULT_WINDOW
+    """How old a DPoP proof's `iat` may be (LEDGER_DPOP_WINDOW); it may also be a few seconds
+    ahead."""
+    dpop_nonce: bool = False
+    """Whether the token endpoint requires DPoP proofs to carry a server nonce (RFC 9449 §8,
+    LEDGER_DPOP_NONCE); it answers `use_dpop_nonce` with one, and every answer names the next."""
+    dpop_mismatch_revokes: bool = False
+    """Whether a bound session's refresh without its key's proof also ends the session
+    (LEDGER_DPOP_MISMATCH_REVOKES); it is always refused and recorded."""
     signal_push_timeout: timedelta = timedelta(seconds=5)
     """How long a Shared Signals push to a receiver may take before it counts as failed and is
     retried (LEDGER_SIGNAL_PUSH_TIMEOUT)."""
@@ -148,6 +161,10 @@ class Settings:
                 env, "LEDGER_EXPIRY_SWEEP_INTERVAL", timedelta(seconds=1), zero=True
             ),
             feed_heartbeat=_duration(env, "LEDGER_FEED_HEARTBEAT", timedelta(seconds=15)),
+            dpop_algorithms=_dpop_algorithms(env, "LEDGER_DPOP_ALGORITHMS"),
+            dpop_window=_duration(env, "LEDGER_DPOP_WINDOW", DEFAULT_WINDOW),
+            dpop_nonce=_flag(env, "LEDGER_DPOP_NONCE", False),
+            dpop_mismatch_revokes=_flag(env, "LEDGER_DPOP_MISMATCH_REVOKES", False),
             signal_push_timeout=_duration(env, "LEDGER_SIGNAL_PUSH_TIMEOUT", timedelta(seconds=5)),
             signal_long_poll=_duration(env, "LEDGER_SIGNAL_LONG_POLL", timedelta(seconds=10)),
             trusted_proxies=_networks(env, "LEDGER_TRUSTED_PROXIES"),
@@ -179,6 +196,18 @@ def _optional_text(env: Mapping[str, str], name: str) -> str | None:
     if not value.strip():
         raise SettingsError(f"{name} is set but empty; unset it or give a value")
     return value.strip()
+
+
+def _dpop_algorithms(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    text = _optional_text(env, name)
+    if text is None:
+        return DEFAULT_ALGORITHMS
+    algorithms = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in algorithms if a not in ASYMMETRIC_ALGORITHMS]
+    if not algorithms or unknown:
+        allowed = ", ".join(sorted(ASYMMETRIC_ALGORITHMS))
+        raise SettingsError(f"{name}: each algorithm must be one of {allowed}")
+    return algorithms
 
 
 def _duration(

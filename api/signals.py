@@ -81,6 +81,7 @@ _PUSH_LOCK_CLASS = 7261005
 _INITIATOR = {
     "logout": "user",
     "reuse_detected": "policy",
+    "dpop_refused": "policy",
     "idle_timeout": "system",
     "absolute_timeout": "system",
 }

@@ -51,6 +51,8 @@ class AccessClaims:
     jwt_id: str
     issuer: str
     audience: str
+    jkt: str | None = None
+    """`cnf.jkt` (RFC 9449 §6.1): the DPoP key the token is bound to; None for a bearer token."""
 
 
 def new_session_id() -> str:
@@ -68,7 +70,9 @@ def issue_access_token(
     scope: tuple[str, ...],
     now: datetime,
     expires_at: datetime,
+    jkt: str | None = None,
 ) -> str:
+    """A signed access token (RFC 9068); bound to the DPoP key `jkt` when given (`cnf`)."""
     if not expires_at > now:
         raise ValueError("an access token must expire after it is issued")
     if not all(is_scope_token(token) for token in scope):
@@ -87,6 +91,8 @@ def issue_access_token(
     }
     if session_id is not None:
         claims["sid"] = session_id
+    if jkt is not None:
+        claims["cnf"] = {"jkt": jkt}
     headers = {"typ": "at+jwt", "kid": key.kid}
     return jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers=headers)
 
@@ -122,7 +128,18 @@ def verify_access_token(
         jwt_id=str(claims["jti"]),
         issuer=issuer,
         audience=audience,
+        jkt=_jkt(claims),
     )
+
+
+def _jkt(claims: Mapping[str, object]) -> str | None:
+    confirmation = claims.get("cnf")
+    if confirmation is None:
+        return None
+    jkt = confirmation.get("jkt") if isinstance(confirmation, dict) else None
+    if not isinstance(jkt, str) or not jkt:
+        raise InvalidToken("malformed cnf claim")
+    return jkt
 
 
 def refresh_token(secret: bytes, session_id: str, generation: int) -> str:

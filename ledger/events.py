@@ -162,7 +162,10 @@ def _timestamp(value: JsonValue) -> datetime:
 
 @dataclass(frozen=True, kw_only=True)
 class SessionStarted(Event):
-    """A user logged in through a client and a session began."""
+    """A user logged in through a client and a session began; `jkt`, when the login came with
+    a DPoP proof (RFC 9449), is its key's RFC 7638 thumbprint, to which the session is bound."""
+
+    schema_version: ClassVar[int] = 2
 
     user: str
     client_id: str
@@ -170,6 +173,13 @@ class SessionStarted(Event):
     refresh_token_hash: str
     ip: str | None
     user_agent: str | None
+    jkt: str | None = None
+
+
+@upcaster("SessionStarted", 1)
+def _started_without_dpop(data: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    # Version 1 had no DPoP: no session was bound to a key.
+    return {**data, "jkt": None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +235,18 @@ class RefreshTokenReuseDetected(Event):
 def _reuse_without_grace_retries(data: dict[str, JsonValue]) -> dict[str, JsonValue]:
     # Version 1 recorded nothing of grace retries, as none were recorded as events then.
     return {**data, "grace_retries": []}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpopProofRefused(Event):
+    """A refresh of the session, which is bound to a DPoP key, came without a proof
+    (`reason` `missing`) or with another key's (`another_key`, whose thumbprint is `jkt`), from
+    `ip` with `user_agent`. The session goes on, unless LEDGER_DPOP_MISMATCH_REVOKES."""
+
+    reason: str
+    jkt: str | None
+    ip: str | None
+    user_agent: str | None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ledger.events import (
     ActivityRecorded,
+    DpopProofRefused,
     Event,
     RefreshTokenRetried,
     RefreshTokenReuseDetected,
@@ -100,6 +101,8 @@ class SessionState:
     user_agent: str | None = None
     ended_at: datetime | None = None
     end_reason: str | None = None
+    jkt: str | None = None
+    """The thumbprint of the DPoP key the session is bound to (RFC 9449), if it is bound."""
 
 
 class Outcome(enum.Enum):
@@ -112,6 +115,7 @@ class Outcome(enum.Enum):
     ABSOLUTE_TIMEOUT = "absolute_timeout"
     REUSE_DETECTED = "reuse_detected"
     UNKNOWN_GENERATION = "unknown_generation"
+    DPOP_REFUSED = "dpop_refused"  # a bound session's refresh without its key's proof
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def evolve(state: SessionState | None, session_id: str, event: Event) -> Session
             generation=1,
             ip=event.ip,
             user_agent=event.user_agent,
+            jkt=event.jkt,
         )
     version = state.version + 1
     match event:
@@ -265,8 +270,9 @@ def start(
     ip: str | None,
     user_agent: str | None,
     now: datetime,
+    jkt: str | None = None,
 ) -> SessionStarted:
-    """The event that begins a session."""
+    """The event that begins a session (bound to the DPoP key `jkt`, when given)."""
     return SessionStarted(
         occurred_at=now,
         user=user,
@@ -275,7 +281,36 @@ def start(
         refresh_token_hash=refresh_token_hash,
         ip=ip,
         user_agent=user_agent,
+        jkt=jkt,
     )
+
+
+def decide_dpop(
+    state: SessionState,
+    jkt: str | None,
+    *,
+    ip: str | None,
+    user_agent: str | None,
+    now: datetime,
+    revoke: bool,
+) -> Decision | None:
+    """None when a refresh may go on: the session is bound to no key, or `jkt` (the presented
+    proof's key) is its key. Else the refusal, recorded (RFC 9449 §5), and with `revoke` the
+    session's end too; by default it goes on, so that whoever cannot use a stolen token cannot
+    log its owner out either."""
+    if state.jkt is None or jkt == state.jkt:
+        return None
+    refused = DpopProofRefused(
+        occurred_at=now,
+        reason="missing" if jkt is None else "another_key",
+        jkt=jkt,
+        ip=ip,
+        user_agent=user_agent,
+    )
+    if revoke and state.ended_at is None:
+        ended = SessionEnded(occurred_at=now, reason=Outcome.DPOP_REFUSED.value)
+        return Decision((refused, ended), Outcome.DPOP_REFUSED)
+    return Decision((refused,), Outcome.DPOP_REFUSED)
 
 
 def decide_refresh(

@@ -14,11 +14,14 @@ from psycopg_pool import ConnectionPool
 from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
 from api.changes import ChangeFollower, OnChange
 from api.clients import ClientAuthentication
+from api.dpop import DEFAULT_SKEW, Nonces
+from api.dpop_replay import ProofPruner, ProofReplay
 from api.feed import SessionEndHub
 from api.http import audit, edge, errors, feeds, metrics, oauth, openapi, sessions, signals
 from api.http.browser import router as browser_router
 from api.keys import (
     CLIENT_SECRET_KEY_NAME,
+    DPOP_NONCE_KEY_NAME,
     Sealer,
     load_event_signing_key,
     load_server_secret,
@@ -32,6 +35,9 @@ from ledger.errors import LedgerError
 from ledger.store import EventStore
 from projections.sql.runner import Runner
 from projections.sql.sweeper import ExpirySweeper
+
+PRUNE_SECONDS = 10.0
+"""How often a server empties the DPoP proof partition that has aged out (api.dpop_replay)."""
 
 
 def create_app(
@@ -48,6 +54,7 @@ def create_app(
         runner: Runner | None = None
         sweeper: ExpirySweeper | None = None
         pusher: Pusher | None = None
+        pruner: ProofPruner | None = None
         following: asyncio.Task[None] | None = None
         feeding: asyncio.Task[None] | None = None
         try:
@@ -102,6 +109,16 @@ def create_app(
                     policy=settings.policy,
                     interval_seconds=settings.expiry_sweep_interval.total_seconds(),
                 ).start()
+            app.state.dpop_nonces = None
+            if settings.dpop_nonce:
+                nonce_key = await run_in_threadpool(
+                    load_server_secret, pool, sealer, now(), DPOP_NONCE_KEY_NAME
+                )
+                app.state.dpop_nonces = Nonces(nonce_key)
+            app.state.proof_replay = ProofReplay(
+                apool, pool, slot=settings.dpop_window + DEFAULT_SKEW
+            )
+            pruner = ProofPruner(app.state.proof_replay, now, PRUNE_SECONDS).start()
             pusher = Pusher(
                 app.state.signals,
                 database_url,
@@ -115,7 +132,7 @@ def create_app(
                     task.cancel()
                     with suppress(asyncio.CancelledError):
                         await task
-            for worker in (sweeper, pusher):
+            for worker in (sweeper, pusher, pruner):
                 if worker is not None:
                     await run_in_threadpool(worker.stop)
             if runner is not None:

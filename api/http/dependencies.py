@@ -13,6 +13,7 @@ from api.clients import ClientAuthentication
 from api.errors import InvalidClient
 from api.http.errors import BearerRequired
 from api.http.forms import client_credentials
+from api.http.proofs import access_token
 from api.sessions import RequestInfo, SessionService
 from api.settings import IPNetwork
 from api.tokens import AccessClaims
@@ -78,12 +79,6 @@ Service = Annotated[SessionService, Depends(service_of)]
 Info = Annotated[RequestInfo, Depends(request_info)]
 
 
-def bearer_token(request: Request) -> str | None:
-    """The token of the request's `Authorization: Bearer` header, if it has one."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-
-
 async def authenticated_client(request: Request, form: dict[str, str], info: RequestInfo) -> Client:
     """The client the request authenticates as (HTTP Basic or the form, RFC 6749 §2.3.1);
     InvalidClient when it names none or its credentials fail."""
@@ -95,10 +90,10 @@ async def authenticated_client(request: Request, form: dict[str, str], info: Req
 
 
 async def caller_of(request: Request, service: Service) -> tuple[AccessClaims, SessionState]:
-    token = bearer_token(request)
-    if token is None:
+    presented = await access_token(request)
+    if presented is None:
         raise BearerRequired("a bearer access token is required")
-    return await service.authenticate(token)
+    return await service.authenticate(*presented)
 
 
 Caller = Annotated[tuple[AccessClaims, SessionState], Depends(caller_of)]

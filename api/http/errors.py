@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.errors import (
+    DpopBindingRefused,
     InsufficientScope,
     InvalidClient,
     InvalidDpopProof,
@@ -27,6 +28,7 @@ from api.errors import (
     TooManyAttempts,
     UnauthorizedClient,
     UnsupportedGrantType,
+    UseDpopNonce,
 )
 from ledger.errors import DatabaseUnavailable, LedgerError
 
@@ -46,6 +48,11 @@ class BearerRequired(InvalidRequest):
     """A bearer-authenticated call came without an access token."""
 
 
+class ResourceProofRefused(InvalidDpopProof):
+    """A resource request's DPoP proof failed (RFC 9449 §7.1): a 401 with a DPoP challenge,
+    where the token endpoint answers 400."""
+
+
 @dataclass(frozen=True)
 class Answer:
     """How one class of refusal is answered."""
@@ -53,7 +60,7 @@ class Answer:
     status: int
     error: str
     challenge: str | None = None
-    """`Basic` or `Bearer`: the WWW-Authenticate scheme of a 401 or 403."""
+    """`Basic`, `Bearer` or `DPoP`: the WWW-Authenticate scheme of a 401 or 403."""
     description: str | None = None
     """A fixed error_description, for errors whose own text must not reach the caller (SQL)."""
     retry_after: int | None = None
@@ -76,6 +83,9 @@ ANSWERS: dict[type[Exception], Answer] = {
     InvalidGrant: Answer(400, "invalid_grant"),
     InvalidScope: Answer(400, "invalid_scope"),
     InvalidDpopProof: Answer(400, "invalid_dpop_proof"),  # RFC 9449 §5 at the token endpoint
+    ResourceProofRefused: Answer(401, "invalid_dpop_proof", "DPoP"),
+    UseDpopNonce: Answer(400, "use_dpop_nonce"),  # RFC 9449 §8, with a DPoP-Nonce header
+    DpopBindingRefused: Answer(401, "invalid_token", "DPoP"),
     # `slow_down` is the code RFC 8628 registers for token endpoint responses.
     TooManyAttempts: Answer(429, "slow_down"),
     InvalidToken: Answer(401, "invalid_token", "Bearer"),
@@ -109,8 +119,10 @@ def error_response(exc: Exception) -> JSONResponse:
     headers = dict(NO_STORE)
     if answer.challenge == "Basic":
         headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
-    elif answer.challenge == "Bearer":
-        headers["WWW-Authenticate"] = _bearer_challenge(answer, description)
+    elif answer.challenge in ("Bearer", "DPoP"):
+        headers["WWW-Authenticate"] = _challenge(answer.challenge, answer, description)
+    if isinstance(exc, UseDpopNonce):
+        headers["DPoP-Nonce"] = exc.nonce
     retry_after = _retry_after(exc, answer)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
@@ -131,9 +143,10 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _bearer_challenge(answer: Answer, description: str) -> str:
-    challenge = f'Bearer realm="{REALM}", error="{answer.error}"'
-    if answer.status == 401 and answer.error == "invalid_token":
+def _challenge(scheme: str, answer: Answer, description: str) -> str:
+    """RFC 6750 §3 (Bearer) or RFC 9449 §7.1 (DPoP)."""
+    challenge = f'{scheme} realm="{REALM}", error="{answer.error}"'
+    if answer.status == 401 and answer.error in ("invalid_token", "invalid_dpop_proof"):
         challenge += f', error_description="{description}"'
     return challenge
 

@@ -25,8 +25,9 @@ from api.cursors import decode_cursor, encode_cursor
 from api.errors import InsufficientScope, InvalidClient
 from api.feed import SessionEnd, SessionEndHub, read_ends, start_of_feed
 from api.http import openapi as oas
-from api.http.dependencies import Info, Service, authenticated_client, bearer_token
+from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE, BearerRequired
+from api.http.proofs import access_token
 from ledger.records import Checkpoint
 from ledger.store import EventStore
 
@@ -74,9 +75,9 @@ async def session_ends(
 
 async def _check_reader(request: Request, service: Service, info: Info) -> None:
     """Nothing when the reader may follow the feed; else the RFC 6750 refusal."""
-    token = bearer_token(request)
-    if token is not None:
-        claims, _ = await service.verify_bearer(token)
+    presented = await access_token(request)
+    if presented is not None:
+        claims, _ = await service.verify_bearer(*presented)
         if SESSIONS_READ_SCOPE not in claims.scope:
             raise InsufficientScope(_NEEDS_SCOPE)
         return

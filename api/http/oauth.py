@@ -10,11 +10,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.accounts import CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS
+from api.dpop import Nonces
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
 from api.http.forms import read_form, required
+from api.http.proofs import request_proof
 from api.sessions import TokenGrant
 from api.signals import Signals
 
@@ -30,10 +32,14 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     client = await authenticated_client(request, form, info)
     if grant_type not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant_type} grant")
+    nonces: Nonces | None = request.app.state.dpop_nonces
+    # RFC 9449 §5: a proof binds the session, or must match its key.
+    proof = await request_proof(request, nonces=nonces)
+    jkt = None if proof is None else proof.jkt
     if grant_type == "password":
         username, password = required(form, "username"), required(form, "password")
         grant = await run_in_threadpool(
-            service.login, username, password, client, form.get("scope"), info
+            service.login, username, password, client, form.get("scope"), info, jkt
         )
     elif grant_type == CLIENT_CREDENTIALS:
         # RFC 6749 §4.4.2: only a confidential client, which add_client ensures of this grant.
@@ -42,8 +48,11 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
         if "scope" in form:
             raise InvalidRequest("a refresh keeps the session's scope; omit scope")
         refresh_token = required(form, "refresh_token")
-        grant = await service.refresh(refresh_token, client, info)
-    return JSONResponse(_token_body(grant), headers=NO_STORE)
+        grant = await service.refresh(refresh_token, client, info, jkt)
+    headers = dict(NO_STORE)
+    if nonces is not None:  # §8.2: the nonce to use next
+        headers["DPoP-Nonce"] = nonces.current(service.clock())
+    return JSONResponse(_token_body(grant), headers=headers)
 
 
 @router.post(
@@ -91,6 +100,7 @@ async def metadata(request: Request) -> JSONResponse:
             # session ends (session_ledger_guard reads it).
             "session_ends_endpoint": f"{issuer}/feeds/session-ends",
             "grant_types_supported": list(SUPPORTED_GRANTS),
+            "dpop_signing_alg_values_supported": list(request.app.state.settings.dpop_algorithms),
             "response_types_supported": [],
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
@@ -122,7 +132,7 @@ async def jwks(request: Request, service: Service) -> JSONResponse:
 def _token_body(grant: TokenGrant) -> dict[str, Any]:
     body = {
         "access_token": grant.access_token,
-        "token_type": "Bearer",
+        "token_type": grant.token_type,
         "expires_in": grant.expires_in,
         "scope": " ".join(grant.scope),
     }

@@ -128,7 +128,14 @@ def _browser_body(properties: Schema, required: list[str]) -> Schema:
     return {**body, "parameters": [origin, requested]}
 
 
-TOKEN_REQUEST = _form(_TOKEN_FIELDS, ["grant_type"])
+_DPOP_PROOF = {
+    "name": "DPoP",
+    "in": "header",
+    "required": False,
+    "description": "A DPoP proof (RFC 9449 §4): binds the session to its key, or proves it",
+    "schema": {"type": "string"},
+}
+TOKEN_REQUEST = {**_form(_TOKEN_FIELDS, ["grant_type"]), "parameters": [_DPOP_PROOF]}
 REVOKE_REQUEST = _form(_REVOKE_FIELDS, ["token"])
 INTROSPECT_REQUEST = _form(_REVOKE_FIELDS, ["token"])
 BROWSER_LOGIN_REQUEST = _browser_body(

@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse
 from api.errors import InsufficientScope, InvalidRequest
 from api.feed import SessionEndHub
 from api.http import openapi as oas
-from api.http.dependencies import Info, Service, bearer_token
+from api.http.dependencies import Info, Service
 from api.http.errors import NO_STORE, BearerRequired
 from api.http.forms import json_text, read_json, required_json_text
+from api.http.proofs import access_token
 from api.signals import (
     DELIVERY_METHODS,
     EVENTS_SUPPORTED,
@@ -203,10 +204,10 @@ async def _receiver(request: Request, service: Service, *, manage: bool) -> str:
     other caller."""
     scopes = (MANAGE_SCOPE,) if manage else (MANAGE_SCOPE, READ_SCOPE)
     needs = f"the {' or '.join(scopes)} scope is required"
-    token = bearer_token(request)
-    if token is None:
+    presented = await access_token(request)
+    if presented is None:
         raise BearerRequired(f"a bearer access token is required; {needs}")
-    claims, _ = await service.verify_bearer(token)
+    claims, _ = await service.verify_bearer(*presented)
     if claims.session_id is not None:
         raise InsufficientScope("streams belong to receivers: use a client_credentials token")
     if not set(scopes) & set(claims.scope):

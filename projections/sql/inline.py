@@ -33,13 +33,13 @@ AsyncConnection = psycopg.AsyncConnection[TupleRow]
 
 _SESSION_COLUMNS = (
     "session_id, version, user_name, client_id, scope, started_at, last_activity, generation,"
-    " rotations, ip, user_agent, ended_at, end_reason"
+    " rotations, ip, user_agent, ended_at, end_reason, jkt"
 )
 _LOAD_SESSION = "SELECT {columns} FROM {table} WHERE session_id = %s"
 _LOAD_SESSIONS = "SELECT {columns} FROM {table} WHERE session_id = ANY(%s)"
 _SAVE_SESSION = """
 INSERT INTO {table} ({columns})
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (session_id) DO UPDATE SET
     version = EXCLUDED.version, last_activity = EXCLUDED.last_activity,
     generation = EXCLUDED.generation, rotations = EXCLUDED.rotations,
@@ -330,6 +330,7 @@ def _session_params(state: SessionState) -> tuple[Any, ...]:
         state.user_agent,
         state.ended_at,
         state.end_reason,
+        state.jkt,
     )
 
 
@@ -380,6 +381,7 @@ def _session(row: tuple[Any, ...]) -> SessionState:
         user_agent=row[10],
         ended_at=row[11],
         end_reason=row[12],
+        jkt=row[13],
     )
 
 

@@ -208,6 +208,8 @@ def live_factory(
         feed_heartbeat: timedelta = timedelta(seconds=1),
         signal_push_timeout: timedelta = timedelta(seconds=2),
         signal_long_poll: timedelta = timedelta(seconds=2),
+        dpop_mismatch_revokes: bool = False,
+        dpop_nonce: bool = False,
         port: int = 0,
     ) -> LiveServer:
         """A server on `port` (any free one by default); with `issuer` None, its own URL is its
@@ -229,6 +231,8 @@ def live_factory(
             feed_heartbeat=feed_heartbeat,
             signal_push_timeout=signal_push_timeout,
             signal_long_poll=signal_long_poll,
+            dpop_mismatch_revokes=dpop_mismatch_revokes,
+            dpop_nonce=dpop_nonce,
         )
         app = create_app(settings, db_url, clock=clock, hasher=hasher)
         stop = serve_on(app, sock)

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api.dpop import Nonces, Proof, check_proof, normalized_uri, thumbprint, token_hash
-from api.errors import InvalidDpopProof
+from api.errors import InvalidDpopProof, UseDpopNonce
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 URI = "https://ledger.test/oauth/token"
@@ -194,10 +194,11 @@ def test_a_resource_request_needs_the_access_tokens_hash() -> None:
 def test_a_nonce_is_required_when_the_server_asks_for_one() -> None:
     nonces = Nonces(b"n" * 32)
     current = nonces.current(NOW)
-    valid = lambda nonce: nonces.is_valid(nonce, NOW)  # noqa: E731
-    assert check(proof(nonce=current), nonce_valid=valid).jti
-    refused(proof(), "nonce", nonce_valid=valid)
-    refused(proof(nonce="made-up"), "nonce", nonce_valid=valid)
+    assert check(proof(nonce=current), nonces=nonces).jti
+    for token in (proof(), proof(nonce="made-up")):
+        with pytest.raises(UseDpopNonce) as caught:
+            check(token, nonces=nonces)
+        assert caught.value.nonce == current
 
 
 def test_a_nonce_lasts_its_slot_and_the_next_then_expires() -> None:

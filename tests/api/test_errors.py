@@ -28,6 +28,8 @@ def _subclasses(base: type[Exception]) -> list[type[Exception]]:
 def _instance(cls: type[Exception]) -> Exception:
     if issubclass(cls, core.TooManyAttempts):
         return cls("too many", timedelta(seconds=2.5))
+    if issubclass(cls, core.UseDpopNonce):
+        return cls("the nonce", "a-nonce")
     if issubclass(cls, core.Refusal):
         return cls("why it was refused")
     # Ledger errors take constructor arguments of their own; the message is what matters here.
@@ -72,7 +74,7 @@ def test_every_refusal_and_ledger_error_is_an_rfc_error_never_a_500(
     if response.status_code in (429, 503):
         assert int(response.headers["retry-after"]) >= 1
     if response.status_code == 401:
-        assert response.headers["www-authenticate"].split()[0] in ("Basic", "Bearer")
+        assert response.headers["www-authenticate"].split()[0] in ("Basic", "Bearer", "DPoP")
 
 
 @pytest.mark.parametrize(
@@ -102,6 +104,21 @@ def test_every_refusal_and_ledger_error_is_an_rfc_error_never_a_500(
         ),
         (core.TooManyAttempts("slow", timedelta(seconds=2.5)), 429, "slow_down", None),
         (core.NotFound("no such session"), 404, "not_found", None),
+        (core.InvalidDpopProof("bad proof"), 400, "invalid_dpop_proof", None),
+        (core.UseDpopNonce("a nonce, please", "n1"), 400, "use_dpop_nonce", None),
+        (
+            errors.ResourceProofRefused("bad proof"),
+            401,
+            "invalid_dpop_proof",
+            'DPoP realm="session-ledger", error="invalid_dpop_proof",'
+            ' error_description="bad proof"',
+        ),
+        (
+            core.DpopBindingRefused("bound"),
+            401,
+            "invalid_token",
+            'DPoP realm="session-ledger", error="invalid_token", error_description="bound"',
+        ),
     ],
 )
 def test_the_table_answers_a_subclass_before_its_base(

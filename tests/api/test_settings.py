@@ -68,6 +68,10 @@ def test_every_variable_is_read() -> None:
             "LEDGER_API_DOCS": "true",
             "LEDGER_SIGNAL_PUSH_TIMEOUT": "3s",
             "LEDGER_SIGNAL_LONG_POLL": "30s",
+            "LEDGER_DPOP_ALGORITHMS": "EdDSA, ES384",
+            "LEDGER_DPOP_WINDOW": "2m",
+            "LEDGER_DPOP_NONCE": "true",
+            "LEDGER_DPOP_MISMATCH_REVOKES": "true",
         }
     )
     assert settings.issuer == "https://auth.example.com"
@@ -88,6 +92,9 @@ def test_every_variable_is_read() -> None:
     assert "a scrape token" not in repr(settings)
     assert settings.signal_push_timeout == timedelta(seconds=3)
     assert settings.signal_long_poll == timedelta(seconds=30)
+    assert settings.dpop_algorithms == ("EdDSA", "ES384")
+    assert settings.dpop_window == timedelta(minutes=2)
+    assert (settings.dpop_nonce, settings.dpop_mismatch_revokes) == (True, True)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +113,10 @@ def test_every_variable_is_read() -> None:
         ("LEDGER_ISSUER", "https://auth.example.com/?x=1"),
         ("LEDGER_SIGNAL_PUSH_TIMEOUT", "0"),
         ("LEDGER_SIGNAL_LONG_POLL", "forever"),
+        ("LEDGER_DPOP_ALGORITHMS", "HS256"),
+        ("LEDGER_DPOP_ALGORITHMS", "none"),
+        ("LEDGER_DPOP_ALGORITHMS", ","),
+        ("LEDGER_DPOP_NONCE", "sometimes"),
     ],
 )
 def test_an_invalid_value_names_its_variable(name: str, value: str) -> None:

@@ -191,6 +191,24 @@ def test_application_at_jwt_typ_is_accepted() -> None:
     assert _verify(token).subject == "alice"
 
 
+def test_a_bound_token_carries_its_keys_thumbprint_as_cnf() -> None:
+    token = issue_access_token(
+        RING,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        subject="alice",
+        session_id=SESSION,
+        client_id="web",
+        scope=(),
+        now=NOW,
+        expires_at=EXPIRES,
+        jkt="the-keys-thumbprint",
+    )
+    assert _parts(token)[1]["cnf"] == {"jkt": "the-keys-thumbprint"}
+    assert _verify(token).jkt == "the-keys-thumbprint"
+    assert _verify(_issue()).jkt is None
+
+
 def test_a_token_signed_by_a_retired_key_still_verifies() -> None:
     token = _issue()
     retired = replace(KEY, retired_at=NOW)
@@ -353,6 +371,9 @@ ATTACKS: dict[str, tuple[Callable[[], str], str]] = {
     # Only a client's own token has no sid, and its sub is its client id.
     "a user's token without sid": (_missing("sid"), "a token without a session is its client's"),
     "sid as a number": (_signed_claims(sid=7), "malformed claim sid"),
+    "cnf as a string": (_signed_claims(cnf="key"), "malformed cnf claim"),
+    "cnf without jkt": (_signed_claims(cnf={"x5t#S256": "x"}), "malformed cnf claim"),
+    "cnf.jkt empty": (_signed_claims(cnf={"jkt": ""}), "malformed cnf claim"),
     "exp as a string": (_signed_claims(exp="9999999999"), "malformed claim exp"),
     "exp as true": (_signed_claims(exp=True), "malformed claim exp"),
     "exp beyond year 6000": (_signed_claims(exp=2**62), "malformed claim exp"),

@@ -14,6 +14,7 @@ from ledger.events import (
     PrincipalLocked,
     RefreshTokenReuseDetected,
     SessionEnded,
+    SessionStarted,
     decode_event,
     event_class,
     event_data,
@@ -151,6 +152,21 @@ def test_reuse_evidence_recorded_before_grace_retries_were_events_reads_with_non
     assert isinstance(event, RefreshTokenReuseDetected)
     assert event.grace_retries == ()
     assert event_data(event) == {**stored, "grace_retries": []}
+
+
+def test_a_session_started_before_dpop_reads_as_bound_to_no_key() -> None:
+    stored: dict[str, JsonValue] = {
+        "user": "ada",
+        "client_id": "spa",
+        "scope": [],
+        "refresh_token_hash": "ab" * 32,
+        "ip": None,
+        "user_agent": None,
+    }
+    event = decode_event("SessionStarted", 1, stored, T0)
+    assert isinstance(event, SessionStarted)
+    assert event.jkt is None
+    assert event_data(event) == {**stored, "jkt": None}
 
 
 def test_payload_from_a_newer_schema_is_refused() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from ledger.events import (
     ActivityRecorded,
+    DpopProofRefused,
     Event,
     RefreshTokenRetried,
     RefreshTokenReuseDetected,
@@ -29,6 +30,7 @@ from projections.session import (
     SessionState,
     absolute_end_of,
     decide_activity,
+    decide_dpop,
     decide_end,
     decide_expiry,
     decide_refresh,
@@ -660,3 +662,58 @@ def test_only_the_latest_rotations_are_kept_and_older_reuse_is_still_caught() ->
     evidence = stale.events[0]
     assert isinstance(evidence, RefreshTokenReuseDetected)
     assert evidence.first_use == {"at": None, "ip": None, "user_agent": None}
+
+
+# DPoP binding (RFC 9449 §5).
+
+
+def _bound(jkt: str = "key-a") -> SessionState:
+    return fold(
+        [
+            start(
+                user="alice",
+                client_id="web",
+                scope=(),
+                refresh_token_hash="hash-1",
+                ip=None,
+                user_agent=None,
+                now=T0,
+                jkt=jkt,
+            )
+        ]
+    )
+
+
+def test_a_session_started_with_a_proof_is_bound_to_its_key() -> None:
+    assert _bound().jkt == "key-a"
+    assert fold(begin()).jkt is None
+
+
+@pytest.mark.parametrize(("state", "jkt"), [(_bound(), "key-a"), (fold(begin()), None)])
+def test_the_bound_key_or_no_binding_lets_a_refresh_go_on(
+    state: SessionState, jkt: str | None
+) -> None:
+    assert decide_dpop(state, jkt, ip=None, user_agent=None, now=T0, revoke=True) is None
+
+
+@pytest.mark.parametrize(("jkt", "reason"), [(None, "missing"), ("key-b", "another_key")])
+def test_any_other_key_is_refused_and_recorded_but_ends_nothing(
+    jkt: str | None, reason: str
+) -> None:
+    decision = decide_dpop(_bound(), jkt, ip="192.0.2.9", user_agent="ua", now=T0, revoke=False)
+    assert decision is not None
+    assert decision.outcome is Outcome.DPOP_REFUSED
+    assert not decision.is_granted
+    (refused,) = decision.events
+    assert refused == DpopProofRefused(
+        occurred_at=T0, reason=reason, jkt=jkt, ip="192.0.2.9", user_agent="ua"
+    )
+    assert evolve(_bound(), SID, refused).ended_at is None
+
+
+def test_with_revoke_a_mismatch_ends_the_session_too() -> None:
+    decision = decide_dpop(_bound(), "key-b", ip=None, user_agent=None, now=T0, revoke=True)
+    assert decision is not None
+    assert [type(e) for e in decision.events] == [DpopProofRefused, SessionEnded]
+    ended = fold([*begin(), *decision.events])
+    assert ended.end_reason == "dpop_refused"

@@ -1,0 +1,62 @@
+"""DPoP (RFC 9449) at the HTTP edge: the proof a request carries in its `DPoP` header, checked by
+api.dpop and taken once across every worker (api.dpop_replay), and the access token of a
+request's `Authorization` header, `Bearer` or `DPoP`."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from api.dpop import DEFAULT_SKEW, Nonces, Proof, check_proof
+from api.dpop_replay import ProofReplay
+from api.errors import InvalidDpopProof
+from api.http.errors import ResourceProofRefused
+from api.settings import Settings
+
+
+async def request_proof(
+    request: Request, access_token: str | None = None, nonces: Nonces | None = None
+) -> Proof | None:
+    """The request's DPoP proof, if it has one; InvalidDpopProof when it fails a check of §4.3
+    or was presented before. With `access_token` (a resource request) its `ath` must match;
+    with `nonces`, its nonce must be current (UseDpopNonce otherwise)."""
+    values = request.headers.getlist("dpop")
+    if not values:
+        return None
+    if len(values) > 1:  # §4.3 point 1
+        raise InvalidDpopProof("a request carries at most one DPoP header")
+    settings: Settings = request.app.state.settings
+    proof = check_proof(
+        values[0],
+        method=request.method,
+        uri=settings.issuer.rstrip("/") + request.url.path,
+        now=request.app.state.service.clock(),
+        algorithms=settings.dpop_algorithms,
+        window=settings.dpop_window,
+        skew=DEFAULT_SKEW,
+        access_token=access_token,
+        nonces=nonces,
+    )
+    replay: ProofReplay = request.app.state.proof_replay
+    if not await replay.first_use(proof):  # §11.1
+        raise InvalidDpopProof("this DPoP proof was presented before (its jti is used)")
+    return proof
+
+
+async def access_token(request: Request) -> tuple[str, str | None] | None:
+    """The request's access token with, for `Authorization: DPoP`, its proof's key thumbprint
+    (RFC 9449 §7.1); None without one. A proof that fails is a 401 with a DPoP challenge."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    token = value.strip()
+    if not token:
+        return None
+    if scheme.lower() == "bearer":
+        return token, None
+    if scheme.lower() != "dpop":
+        return None
+    try:
+        proof = await request_proof(request, access_token=token)
+    except InvalidDpopProof as refused:
+        raise ResourceProofRefused(refused.description) from None
+    if proof is None:
+        raise ResourceProofRefused("the DPoP scheme needs a DPoP proof header")
+    return token, proof.jkt

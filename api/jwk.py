@@ -1,0 +1,14 @@
+"""JSON Web Key helpers that need no key store: the RFC 7638 thumbprint."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+
+
+def jwk_thumbprint(members: Mapping[str, str]) -> str:
+    """RFC 7638: base64url SHA-256 of a key's required members, sorted, without whitespace."""
+    canonical = json.dumps(dict(members), sort_keys=True, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()

@@ -1,0 +1,271 @@
+"""DPoP over HTTP (RFC 9449): a login with a proof binds the session, its refreshes need that
+key, its access tokens the DPoP scheme with a proof; refusals are recorded and leave the session
+to its owner."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from api.dpop import thumbprint, token_hash
+from ledger.clock import ManualClock
+from tests.api.conftest import PASSWORD, SECRET, LiveServer
+
+ISSUER = "https://ledger.test"  # the live server's: proofs name it in htu
+
+
+class DpopKey:
+    """A client's DPoP key pair, signing a fresh proof for each request, dated by the server's
+    clock."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.private = ec.generate_private_key(ec.SECP256R1())
+        algorithm = jwt.get_algorithm_by_name("ES256")
+        self.jwk: dict[str, Any] = json.loads(algorithm.to_jwk(self.private.public_key()))
+        self.jkt = thumbprint(self.jwk)
+
+    def proof(
+        self, method: str, path: str, access_token: str | None = None, nonce: str | None = None
+    ) -> str:
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(12),
+            "htm": method,
+            "htu": ISSUER + path,
+            "iat": int(self.clock.now().timestamp()),
+        }
+        if access_token is not None:
+            claims["ath"] = token_hash(access_token)
+        if nonce is not None:
+            claims["nonce"] = nonce
+        headers = {"typ": "dpop+jwt", "jwk": self.jwk}
+        return jwt.encode(claims, self.private, algorithm="ES256", headers=headers)
+
+
+def _login(live: LiveServer, key: DpopKey | None) -> requests.Response:
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    headers = {} if key is None else {"DPoP": key.proof("POST", "/oauth/token")}
+    return live.post("/oauth/token", data=form, headers=headers)
+
+
+def _refresh(live: LiveServer, token: str, proof: str | None) -> requests.Response:
+    form = {"grant_type": "refresh_token", "client_id": "spa", "refresh_token": token}
+    return live.post("/oauth/token", data=form, headers={} if proof is None else {"DPoP": proof})
+
+
+def _bound_login(live: LiveServer, key: DpopKey) -> dict[str, Any]:
+    response = _login(live, key)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_a_login_with_a_proof_gives_a_dpop_token_bound_to_the_key(live: LiveServer) -> None:
+    key = DpopKey(live.clock)
+    body = _bound_login(live, key)
+    assert body["token_type"] == "DPoP"
+    claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+    assert claims["cnf"] == {"jkt": key.jkt}
+    (started,) = [e for e in live.events("session:") if e.type == "SessionStarted"]
+    assert started.data["jkt"] == key.jkt
+
+
+def test_a_login_without_a_proof_stays_a_bearer_session(live: LiveServer) -> None:
+    body = _login(live, None).json()
+    assert body["token_type"] == "Bearer"
+    assert "cnf" not in jwt.decode(body["access_token"], options={"verify_signature": False})
+    refreshed = _refresh(live, body["refresh_token"], None)
+    assert refreshed.status_code == 200, refreshed.text
+
+
+def test_a_bound_refresh_without_the_keys_proof_is_refused_recorded_and_harmless(
+    live: LiveServer,
+) -> None:
+    key, thief = DpopKey(live.clock), DpopKey(live.clock)
+    tokens = _bound_login(live, key)
+    missing = _refresh(live, tokens["refresh_token"], None)
+    other = _refresh(live, tokens["refresh_token"], thief.proof("POST", "/oauth/token"))
+    for refused in (missing, other):
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "invalid_dpop_proof"
+        assert refused.headers["Cache-Control"] == "no-store"
+    attempts = [e for e in live.events("session:") if e.type == "DpopProofRefused"]
+    assert [(e.data["reason"], e.data["jkt"]) for e in attempts] == [
+        ("missing", None),
+        ("another_key", thief.jkt),
+    ]
+    assert all(e.data["ip"] == "127.0.0.1" for e in attempts)
+    # The owner goes on: the refusals ended nothing.
+    owner = _refresh(live, tokens["refresh_token"], key.proof("POST", "/oauth/token"))
+    assert owner.status_code == 200, owner.text
+    assert owner.json()["token_type"] == "DPoP"
+
+
+def test_a_mismatch_ends_the_session_when_configured(
+    live_factory: Callable[..., LiveServer],
+) -> None:
+    live = live_factory(dpop_mismatch_revokes=True)
+    key = DpopKey(live.clock)
+    tokens = _bound_login(live, key)
+    assert _refresh(live, tokens["refresh_token"], None).status_code == 400
+    owner = _refresh(live, tokens["refresh_token"], key.proof("POST", "/oauth/token"))
+    assert owner.status_code == 400
+    assert owner.json()["error"] == "invalid_grant"
+    (ended,) = [e for e in live.events("session:") if e.type == "SessionEnded"]
+    assert ended.data["reason"] == "dpop_refused"
+
+
+def test_with_server_nonces_a_proof_without_one_is_told_the_nonce_to_use(
+    live_factory: Callable[..., LiveServer],
+) -> None:
+    live = live_factory(dpop_nonce=True)
+    key = DpopKey(live.clock)
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    first = live.post(
+        "/oauth/token", data=form, headers={"DPoP": key.proof("POST", "/oauth/token")}
+    )
+    assert first.status_code == 400
+    assert first.json()["error"] == "use_dpop_nonce"
+    nonce = first.headers["DPoP-Nonce"]
+    retried = live.post(
+        "/oauth/token", data=form, headers={"DPoP": key.proof("POST", "/oauth/token", nonce=nonce)}
+    )
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["token_type"] == "DPoP"
+    assert retried.headers["DPoP-Nonce"]  # the next one to use
+    live.clock.advance(timedelta(minutes=2))  # the nonce's slot and the next are over
+    stale = key.proof("POST", "/oauth/token", nonce=nonce)
+    refreshed = _refresh(live, retried.json()["refresh_token"], stale)
+    assert refreshed.json()["error"] == "use_dpop_nonce"
+    assert refreshed.headers["DPoP-Nonce"] not in (nonce, retried.headers["DPoP-Nonce"])
+
+
+def test_a_proof_presented_twice_is_refused_the_second_time(live: LiveServer) -> None:
+    key = DpopKey(live.clock)
+    tokens = _bound_login(live, key)
+    proof = key.proof("POST", "/oauth/token")
+    assert _refresh(live, tokens["refresh_token"], proof).status_code == 200
+    again = _refresh(live, tokens["refresh_token"], proof)
+    assert again.status_code == 400
+    assert "presented before" in again.json()["error_description"]
+
+
+def test_the_same_proof_at_two_workers_at_once_is_taken_by_one(
+    live: LiveServer, live_factory: Callable[..., LiveServer]
+) -> None:
+    other = live_factory()  # a second server on the same database, as a second worker
+    key = DpopKey(live.clock)
+    proof = key.proof("POST", "/oauth/token")
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    statuses: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def send(server: LiveServer) -> None:
+        barrier.wait(10)
+        statuses.append(server.post("/oauth/token", data=form, headers={"DPoP": proof}).status_code)
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in (live, other, live, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(statuses) == [200, 400, 400, 400]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/oauth/token"), ("POST", "/oauth/revoke")])
+def test_a_proof_for_another_method_or_uri_is_refused(
+    live: LiveServer, method: str, path: str
+) -> None:
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    response = live.post(
+        "/oauth/token", data=form, headers={"DPoP": DpopKey(live.clock).proof(method, path)}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_dpop_proof"
+
+
+def test_a_malformed_proof_or_two_of_them_are_refused(live: LiveServer) -> None:
+    assert _login_with(live, [("DPoP", "not-a-jwt")]).status_code == 400
+    key = DpopKey(live.clock)
+    two = [("DPoP", key.proof("POST", "/oauth/token")), ("DPoP", key.proof("POST", "/oauth/token"))]
+    response = _login_with(live, two)
+    assert response.status_code == 400
+    assert "at most one DPoP header" in response.json()["error_description"]
+
+
+def _login_with(live: LiveServer, headers: list[tuple[str, str]]) -> httpx.Response:
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    return httpx.post(f"{live.url}/oauth/token", data=form, headers=headers, timeout=30)
+
+
+def test_a_bound_access_token_needs_the_dpop_scheme_and_a_proof_at_the_api(
+    live: LiveServer,
+) -> None:
+    key = DpopKey(live.clock)
+    access = _bound_login(live, key)["access_token"]
+    as_bearer = live.get("/sessions", headers={"Authorization": f"Bearer {access}"})
+    assert as_bearer.status_code == 401
+    assert as_bearer.headers["WWW-Authenticate"].startswith(
+        'DPoP realm="session-ledger", error="invalid_token"'
+    )
+    proven = live.get(
+        "/sessions",
+        headers={"Authorization": f"DPoP {access}", "DPoP": key.proof("GET", "/sessions", access)},
+    )
+    assert proven.status_code == 200, proven.text
+    no_proof = live.get("/sessions", headers={"Authorization": f"DPoP {access}"})
+    no_ath = live.get(
+        "/sessions",
+        headers={"Authorization": f"DPoP {access}", "DPoP": key.proof("GET", "/sessions")},
+    )
+    thief = live.get(
+        "/sessions",
+        headers={
+            "Authorization": f"DPoP {access}",
+            "DPoP": DpopKey(live.clock).proof("GET", "/sessions", access),
+        },
+    )
+    for refused, error in (
+        (no_proof, "invalid_dpop_proof"),
+        (no_ath, "invalid_dpop_proof"),
+        (thief, "invalid_token"),
+    ):
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["WWW-Authenticate"].startswith(
+            f'DPoP realm="session-ledger", error="{error}"'
+        )
+
+
+def test_a_bearer_token_cannot_pose_as_a_dpop_one(live: LiveServer) -> None:
+    access = _login(live, None).json()["access_token"]
+    key = DpopKey(live.clock)
+    response = live.get(
+        "/sessions",
+        headers={"Authorization": f"DPoP {access}", "DPoP": key.proof("GET", "/sessions", access)},
+    )
+    assert response.status_code == 401
+    assert "not DPoP-bound" in response.json()["error_description"]
+
+
+def test_introspection_shows_the_key_and_the_dpop_type(live: LiveServer) -> None:
+    key = DpopKey(live.clock)
+    access = _bound_login(live, key)["access_token"]
+    body = live.post("/oauth/introspect", data={"token": access}, auth=("backend", SECRET)).json()
+    assert body["active"] is True
+    assert body["token_type"] == "DPoP"
+    assert body["cnf"] == {"jkt": key.jkt}
+
+
+def test_the_metadata_lists_the_proof_algorithms(live: LiveServer) -> None:
+    meta = live.get("/.well-known/oauth-authorization-server").json()
+    assert meta["dpop_signing_alg_values_supported"] == ["ES256", "EdDSA"]
