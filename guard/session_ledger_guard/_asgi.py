@@ -7,7 +7,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from session_ledger_guard._guard import Guard, Refused, bearer_token
+from session_ledger_guard._guard import Guard, Refused
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -18,8 +18,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class GuardMiddleware:
     """Refuses every HTTP request without a valid access token of a live session (RFC 6750
-    answers), and puts the token's claims in `scope["state"]["claims"]` (Starlette's
-    `request.state.claims`). Paths in `exempt` (a health check, say) pass untouched."""
+    answers; a DPoP-bound token needs `Authorization: DPoP` and its proof, RFC 9449), and puts
+    the token's claims in `scope["state"]["claims"]` (Starlette's `request.state.claims`).
+    Paths in `exempt` (a health check, say) pass untouched."""
 
     def __init__(
         self, app: ASGIApp, *, guard: Guard, scope: str | None = None, exempt: Iterable[str] = ()
@@ -32,7 +33,13 @@ class GuardMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            claims = self.guard.verify(bearer_token(headers.get("authorization")), scope=self.scope)
+            claims = self.guard.verify_request(
+                headers.get("authorization"),
+                method=scope["method"],
+                url=_request_url(scope, headers),
+                dpop=headers.get("dpop"),
+                scope=self.scope,
+            )
         except Refused as refused:
             await _refuse(send, refused)
             return
@@ -47,7 +54,13 @@ def claims_dependency(guard: Guard, scope: str | None = None) -> Callable[..., d
 
     def claims(request: Request) -> dict[str, Any]:
         try:
-            return guard.verify(bearer_token(request.headers.get("authorization")), scope=scope)
+            return guard.verify_request(
+                request.headers.get("authorization"),
+                method=request.method,
+                url=str(request.url),
+                dpop=request.headers.get("dpop"),
+                scope=scope,
+            )
         except Refused as refused:
             raise HTTPException(
                 refused.status_code, detail=refused.body(), headers=refused.headers()
@@ -56,6 +69,13 @@ def claims_dependency(guard: Guard, scope: str | None = None) -> Callable[..., d
     # FastAPI reads the annotation to inject the request: the class, not this module's string.
     claims.__annotations__ = {"request": Request, "return": dict[str, Any]}
     return claims
+
+
+def _request_url(scope: Scope, headers: dict[str, str]) -> str:
+    """The URL the client sent the request to, as a DPoP proof's `htu` names it: the scheme and
+    Host the server saw (behind a proxy, run uvicorn with --proxy-headers), then the path."""
+    host = headers.get("host") or "{}:{}".format(*(scope.get("server") or ("localhost", 80)))
+    return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{scope['path']}"
 
 
 async def _refuse(send: Send, refused: Refused) -> None:

@@ -3,6 +3,8 @@ makes a revoked session's tokens refused within a second, with no call per reque
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import threading
@@ -11,6 +13,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -18,6 +21,19 @@ import jwt
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 """RFC 9068 §4: the `typ` of an access token."""
 
+PROOF_TYPE = "dpop+jwt"
+"""RFC 9449 §4.2: the `typ` of a DPoP proof."""
+_ASYMMETRIC = frozenset(
+    {"ES256", "ES384", "ES512", "EdDSA", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+)
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# RFC 7638 §3.2: the members of each key type that its thumbprint covers.
+_THUMBPRINT_MEMBERS = {
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+    "RSA": ("e", "kty", "n"),
+}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 # The algorithm each key type signs with when its JWK names none (RFC 7518, RFC 8037).
 _ALGORITHM_OF = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256", ("EC", "P-384"): "ES384"}
 _FIRST_BACKOFF = 0.25
@@ -26,8 +42,9 @@ log = logging.getLogger("session_ledger_guard")
 
 
 class Refused(Exception):
-    """A request the guard refuses, shaped as RFC 6750 §3 says: `status_code`, `error`,
-    `description` and the `www_authenticate` challenge (None for 503)."""
+    """A request the guard refuses, shaped as RFC 6750 §3 (or, for DPoP, RFC 9449 §7.1) says:
+    `status_code`, `error`, `description` and the `www_authenticate` challenge (None for
+    503)."""
 
     def __init__(
         self,
@@ -38,6 +55,7 @@ class Refused(Exception):
         realm: str = "session-ledger",
         scope: str | None = None,
         challenge_error: bool = True,
+        scheme: str = "Bearer",
     ) -> None:
         super().__init__(description)
         self.status_code = status_code
@@ -45,7 +63,7 @@ class Refused(Exception):
         self.description = description
         self.www_authenticate: str | None = None
         if status_code in (401, 403):
-            challenge = f'Bearer realm="{realm}"'
+            challenge = f'{scheme} realm="{realm}"'
             if challenge_error:  # §3.1: no error code when the request had no credentials
                 challenge += f', error="{error}", error_description="{_quoted(description)}"'
             if scope is not None:
@@ -92,6 +110,8 @@ class Guard:
         max_token_lifetime: float = 3600.0,
         leeway: float = 30.0,
         reconnect_at_most: float = 10.0,
+        dpop_algorithms: tuple[str, ...] = ("ES256", "EdDSA"),
+        dpop_window: float = 60.0,
         http: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -117,6 +137,16 @@ class Guard:
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
         self._jwks_uri = self._feed_url = ""
+        unknown = set(dpop_algorithms) - _ASYMMETRIC
+        if unknown:
+            raise ValueError(f"DPoP proofs are signed with asymmetric algorithms, not {unknown}")
+        self._dpop_algorithms = dpop_algorithms
+        self._dpop_window = dpop_window
+        # (key thumbprint, jti) of each proof seen, with when it may be forgotten. Per process:
+        # several processes of one resource server each accept a proof once (RFC 9449 §11.1
+        # leaves the scope of the check to the server).
+        self._proofs_seen: dict[tuple[str, str], float] = {}
+        self._prune_proofs_at = float("-inf")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -166,9 +196,41 @@ class Guard:
     # -- verification -------------------------------------------------------------------------
 
     def verify(self, token: str, *, scope: str | None = None) -> dict[str, Any]:
-        """The token's claims, once its signature (by the key its `kid` names, with that key's
-        algorithm only), `typ`, `iss`, `aud`, `exp`, `nbf` and `iat` hold and its session has
-        not ended; with `scope`, the token must hold it. Else Refused."""
+        """The claims of a bearer token, once its signature (by the key its `kid` names, with
+        that key's algorithm only), `typ`, `iss`, `aud`, `exp`, `nbf` and `iat` hold and its
+        session has not ended; with `scope`, the token must hold it. A DPoP-bound token (with
+        `cnf`) is refused here: it needs its proof (`verify_request`). Else Refused."""
+        claims = self._verified(token, scope)
+        if "cnf" in claims:  # RFC 9449 §7.2
+            raise _invalid_dpop("invalid_token", "a DPoP-bound token needs the DPoP scheme")
+        return claims
+
+    def verify_request(
+        self,
+        authorization: str | None,
+        *,
+        method: str,
+        url: str,
+        dpop: str | None = None,
+        scope: str | None = None,
+    ) -> dict[str, Any]:
+        """The claims of a request's access token: `Authorization: Bearer` as `verify` checks
+        it, or `Authorization: DPoP` with the request's `DPoP` proof, whose key the token must
+        be bound to (RFC 9449 §7.1: `typ`, `alg`, a public `jwk`, the signature, `htm` =
+        `method`, `htu` = `url` without query, `iat` within `dpop_window`, `ath`, and each
+        proof once in this process). Else Refused."""
+        scheme, _, value = (authorization or "").partition(" ")
+        token = value.strip()
+        if scheme.lower() == "dpop" and token:
+            claims = self._verified(token, scope)
+            jkt = self._check_proof(dpop, method=method, url=url, token=token)
+            confirmation = claims.get("cnf")
+            if not isinstance(confirmation, dict) or confirmation.get("jkt") != jkt:
+                raise _invalid_dpop("invalid_token", "the token is not bound to the proof's key")
+            return claims
+        return self.verify(bearer_token(authorization), scope=scope)
+
+    def _verified(self, token: str, scope: str | None) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -206,6 +268,46 @@ class Guard:
         if scope is not None and scope not in str(claims.get("scope", "")).split():
             raise Refused(403, "insufficient_scope", f"the {scope} scope is required", scope=scope)
         return claims
+
+    def _check_proof(self, proof: str | None, *, method: str, url: str, token: str) -> str:
+        """The thumbprint of the key that signed a valid, unseen proof for this request."""
+        if not proof or len(proof) > 8192:
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP scheme needs a DPoP proof")
+        try:
+            header = jwt.get_unverified_header(proof)
+        except jwt.PyJWTError:
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof is malformed") from None
+        algorithm, jwk = header.get("alg"), header.get("jwk")
+        if header.get("typ") != PROOF_TYPE or algorithm not in self._dpop_algorithms:
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof's typ or alg is refused")
+        if not isinstance(jwk, dict) or _PRIVATE_MEMBERS & set(jwk):
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof needs a public jwk")
+        try:
+            key = jwt.PyJWK(jwk, algorithm).key
+            claims = jwt.decode(proof, key, algorithms=[algorithm], options={"verify_iat": False})
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof does not verify") from None
+        now = self._clock()
+        iat, jti = claims.get("iat"), claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof has no jti")
+        if claims.get("htm") != method or _uri(claims.get("htu")) != _uri(url, query=True):
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof is for another request")
+        if isinstance(iat, bool) or not isinstance(iat, int | float):
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof has no iat")
+        if not now - self._dpop_window <= iat <= now + self._leeway:
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof is too old or too new")
+        if claims.get("ath") != _b64(hashlib.sha256(token.encode("ascii")).digest()):
+            raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof's ath is not the token's")
+        jkt = _thumbprint(jwk)
+        with self._lock:
+            if now >= self._prune_proofs_at:  # forget the proofs past their window, each second
+                self._proofs_seen = {k: t for k, t in self._proofs_seen.items() if t > now}
+                self._prune_proofs_at = now + 1.0
+            if self._proofs_seen.get((jkt, jti), float("-inf")) > now:
+                raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof was presented before")
+            self._proofs_seen[(jkt, jti)] = iat + self._dpop_window + self._leeway
+        return jkt
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:
         now = self._clock()
@@ -341,3 +443,40 @@ def _invalid(description: str) -> Refused:
 
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', "'")
+
+
+def _invalid_dpop(error: str, description: str) -> Refused:
+    return Refused(401, error, description, scheme="DPoP")
+
+
+def _thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638: base64url SHA-256 of the key's required members, sorted, without whitespace."""
+    members = _THUMBPRINT_MEMBERS.get(str(jwk.get("kty")), ())
+    if not members or not all(isinstance(jwk.get(m), str) for m in members):
+        raise _invalid_dpop("invalid_dpop_proof", "the DPoP proof's jwk is not a public key")
+    canonical = json.dumps({m: jwk[m] for m in members}, sort_keys=True, separators=(",", ":"))
+    return _b64(hashlib.sha256(canonical.encode()).digest())
+
+
+def _uri(value: object, *, query: bool = False) -> str | None:
+    """`value` without query and fragment, scheme and host in lower case and the default port
+    dropped; None for anything else (a proof's `htu` with a query, unless `query`)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    if not query and (parts.query or parts.fragment or value.endswith(("?", "#"))):
+        return None
+    host = parts.hostname.lower()
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path or '/'}"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -9,14 +11,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jwt
 import pytest
 import requests
 import uvicorn
 from argon2 import PasswordHasher
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
 from api.accounts import INTROSPECT_SCOPE, SESSIONS_READ_SCOPE, Accounts
+from api.dpop import thumbprint, token_hash
 from api.http.app import create_app
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from api.ratelimit import RateLimit
@@ -54,6 +59,34 @@ def add_resource_server(accounts: Accounts, *extra_scopes: str) -> None:
 def sid(tokens: dict[str, Any]) -> str:
     """The session id a grant's refresh token names."""
     return str(tokens["refresh_token"]).split(".")[0]
+
+
+class DpopKey:
+    """A client's DPoP key pair (RFC 9449), signing a fresh proof for each request to `base`,
+    dated by the server's clock."""
+
+    def __init__(self, clock: ManualClock, base: str) -> None:
+        self.clock, self.base = clock, base
+        self.private = ec.generate_private_key(ec.SECP256R1())
+        algorithm = jwt.get_algorithm_by_name("ES256")
+        self.jwk: dict[str, Any] = json.loads(algorithm.to_jwk(self.private.public_key()))
+        self.jkt = thumbprint(self.jwk)
+
+    def proof(
+        self, method: str, path: str, access_token: str | None = None, nonce: str | None = None
+    ) -> str:
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(12),
+            "htm": method,
+            "htu": self.base + path,
+            "iat": int(self.clock.now().timestamp()),
+        }
+        if access_token is not None:
+            claims["ath"] = token_hash(access_token)
+        if nonce is not None:
+            claims["nonce"] = nonce
+        headers = {"typ": "dpop+jwt", "jwk": self.jwk}
+        return jwt.encode(claims, self.private, algorithm="ES256", headers=headers)
 
 
 def end_three_ways(live: LiveServer) -> list[tuple[str, str]]:

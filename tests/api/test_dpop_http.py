@@ -4,8 +4,6 @@ to its owner."""
 
 from __future__ import annotations
 
-import json
-import secrets
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -15,41 +13,10 @@ import httpx
 import jwt
 import pytest
 import requests
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from api.dpop import thumbprint, token_hash
-from ledger.clock import ManualClock
-from tests.api.conftest import PASSWORD, SECRET, LiveServer
+from tests.api.conftest import PASSWORD, SECRET, DpopKey, LiveServer
 
 ISSUER = "https://ledger.test"  # the live server's: proofs name it in htu
-
-
-class DpopKey:
-    """A client's DPoP key pair, signing a fresh proof for each request, dated by the server's
-    clock."""
-
-    def __init__(self, clock: ManualClock) -> None:
-        self.clock = clock
-        self.private = ec.generate_private_key(ec.SECP256R1())
-        algorithm = jwt.get_algorithm_by_name("ES256")
-        self.jwk: dict[str, Any] = json.loads(algorithm.to_jwk(self.private.public_key()))
-        self.jkt = thumbprint(self.jwk)
-
-    def proof(
-        self, method: str, path: str, access_token: str | None = None, nonce: str | None = None
-    ) -> str:
-        claims: dict[str, Any] = {
-            "jti": secrets.token_urlsafe(12),
-            "htm": method,
-            "htu": ISSUER + path,
-            "iat": int(self.clock.now().timestamp()),
-        }
-        if access_token is not None:
-            claims["ath"] = token_hash(access_token)
-        if nonce is not None:
-            claims["nonce"] = nonce
-        headers = {"typ": "dpop+jwt", "jwk": self.jwk}
-        return jwt.encode(claims, self.private, algorithm="ES256", headers=headers)
 
 
 def _login(live: LiveServer, key: DpopKey | None) -> requests.Response:
@@ -71,7 +38,7 @@ def _bound_login(live: LiveServer, key: DpopKey) -> dict[str, Any]:
 
 
 def test_a_login_with_a_proof_gives_a_dpop_token_bound_to_the_key(live: LiveServer) -> None:
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     body = _bound_login(live, key)
     assert body["token_type"] == "DPoP"
     claims = jwt.decode(body["access_token"], options={"verify_signature": False})
@@ -91,7 +58,7 @@ def test_a_login_without_a_proof_stays_a_bearer_session(live: LiveServer) -> Non
 def test_a_bound_refresh_without_the_keys_proof_is_refused_recorded_and_harmless(
     live: LiveServer,
 ) -> None:
-    key, thief = DpopKey(live.clock), DpopKey(live.clock)
+    key, thief = DpopKey(live.clock, ISSUER), DpopKey(live.clock, ISSUER)
     tokens = _bound_login(live, key)
     missing = _refresh(live, tokens["refresh_token"], None)
     other = _refresh(live, tokens["refresh_token"], thief.proof("POST", "/oauth/token"))
@@ -115,7 +82,7 @@ def test_a_mismatch_ends_the_session_when_configured(
     live_factory: Callable[..., LiveServer],
 ) -> None:
     live = live_factory(dpop_mismatch_revokes=True)
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     tokens = _bound_login(live, key)
     assert _refresh(live, tokens["refresh_token"], None).status_code == 400
     owner = _refresh(live, tokens["refresh_token"], key.proof("POST", "/oauth/token"))
@@ -129,7 +96,7 @@ def test_with_server_nonces_a_proof_without_one_is_told_the_nonce_to_use(
     live_factory: Callable[..., LiveServer],
 ) -> None:
     live = live_factory(dpop_nonce=True)
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
     first = live.post(
         "/oauth/token", data=form, headers={"DPoP": key.proof("POST", "/oauth/token")}
@@ -151,7 +118,7 @@ def test_with_server_nonces_a_proof_without_one_is_told_the_nonce_to_use(
 
 
 def test_a_proof_presented_twice_is_refused_the_second_time(live: LiveServer) -> None:
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     tokens = _bound_login(live, key)
     proof = key.proof("POST", "/oauth/token")
     assert _refresh(live, tokens["refresh_token"], proof).status_code == 200
@@ -164,7 +131,7 @@ def test_the_same_proof_at_two_workers_at_once_is_taken_by_one(
     live: LiveServer, live_factory: Callable[..., LiveServer]
 ) -> None:
     other = live_factory()  # a second server on the same database, as a second worker
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     proof = key.proof("POST", "/oauth/token")
     form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
     statuses: list[int] = []
@@ -188,7 +155,7 @@ def test_a_proof_for_another_method_or_uri_is_refused(
 ) -> None:
     form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
     response = live.post(
-        "/oauth/token", data=form, headers={"DPoP": DpopKey(live.clock).proof(method, path)}
+        "/oauth/token", data=form, headers={"DPoP": DpopKey(live.clock, ISSUER).proof(method, path)}
     )
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_dpop_proof"
@@ -196,7 +163,7 @@ def test_a_proof_for_another_method_or_uri_is_refused(
 
 def test_a_malformed_proof_or_two_of_them_are_refused(live: LiveServer) -> None:
     assert _login_with(live, [("DPoP", "not-a-jwt")]).status_code == 400
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     two = [("DPoP", key.proof("POST", "/oauth/token")), ("DPoP", key.proof("POST", "/oauth/token"))]
     response = _login_with(live, two)
     assert response.status_code == 400
@@ -211,7 +178,7 @@ def _login_with(live: LiveServer, headers: list[tuple[str, str]]) -> httpx.Respo
 def test_a_bound_access_token_needs_the_dpop_scheme_and_a_proof_at_the_api(
     live: LiveServer,
 ) -> None:
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     access = _bound_login(live, key)["access_token"]
     as_bearer = live.get("/sessions", headers={"Authorization": f"Bearer {access}"})
     assert as_bearer.status_code == 401
@@ -232,7 +199,7 @@ def test_a_bound_access_token_needs_the_dpop_scheme_and_a_proof_at_the_api(
         "/sessions",
         headers={
             "Authorization": f"DPoP {access}",
-            "DPoP": DpopKey(live.clock).proof("GET", "/sessions", access),
+            "DPoP": DpopKey(live.clock, ISSUER).proof("GET", "/sessions", access),
         },
     )
     for refused, error in (
@@ -248,7 +215,7 @@ def test_a_bound_access_token_needs_the_dpop_scheme_and_a_proof_at_the_api(
 
 def test_a_bearer_token_cannot_pose_as_a_dpop_one(live: LiveServer) -> None:
     access = _login(live, None).json()["access_token"]
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     response = live.get(
         "/sessions",
         headers={"Authorization": f"DPoP {access}", "DPoP": key.proof("GET", "/sessions", access)},
@@ -258,7 +225,7 @@ def test_a_bearer_token_cannot_pose_as_a_dpop_one(live: LiveServer) -> None:
 
 
 def test_introspection_shows_the_key_and_the_dpop_type(live: LiveServer) -> None:
-    key = DpopKey(live.clock)
+    key = DpopKey(live.clock, ISSUER)
     access = _bound_login(live, key)["access_token"]
     body = live.post("/oauth/introspect", data={"token": access}, auth=("backend", SECRET)).json()
     assert body["active"] is True

@@ -20,8 +20,10 @@ from api.sessions import RequestInfo
 from api.users import UserChanges
 from projections.sql.sweeper import ExpirySweeper
 from tests.api.conftest import (
+    PASSWORD,
     RS_SECRET,
     TEST_POLICY,
+    DpopKey,
     LiveServer,
     add_resource_server,
     serve_in_thread,
@@ -309,3 +311,89 @@ def test_a_callers_http_client_stays_open_after_close(server: LiveServer) -> Non
         _guard(server, http=http).start().close()
         assert not http.is_closed
         assert http.get(f"{server.url}/healthz").status_code == 200
+
+
+# DPoP-bound tokens (RFC 9449 §7).
+
+API = "https://api.example.test"
+
+
+def _bound(server: LiveServer) -> tuple[DpopKey, str]:
+    """A login bound to a fresh key, and its access token."""
+    key = DpopKey(server.clock, server.url)
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    response = server.post(
+        "/oauth/token", data=form, headers={"DPoP": key.proof("POST", "/oauth/token")}
+    )
+    assert response.json()["token_type"] == "DPoP", response.text
+    key.base = API  # from here on, proofs for the resource server
+    return key, str(response.json()["access_token"])
+
+
+def _dpop(guard: Guard, token: str, proof: str | None, path: str = "/orders") -> dict[str, Any]:
+    return guard.verify_request(f"DPoP {token}", method="GET", url=f"{API}{path}?q=1", dpop=proof)
+
+
+def test_the_guard_accepts_a_bound_token_with_its_proof(server: LiveServer, guard: Guard) -> None:
+    key, token = _bound(server)
+    claims = _dpop(guard, token, key.proof("GET", "/orders", token))
+    assert claims["cnf"] == {"jkt": key.jkt}
+
+
+def test_the_guard_refuses_a_bound_token_as_bearer_or_with_a_bad_proof(
+    server: LiveServer, guard: Guard
+) -> None:
+    key, token = _bound(server)
+    replayed = key.proof("GET", "/orders", token)
+    _dpop(guard, token, replayed)
+    other_key = DpopKey(server.clock, API)
+    refusals: dict[str, Callable[[], object]] = {
+        "as Bearer": lambda: guard.verify_request(f"Bearer {token}", method="GET", url=API),
+        "verify()": lambda: guard.verify(token),
+        "no proof": lambda: _dpop(guard, token, None),
+        "wrong ath": lambda: _dpop(guard, token, key.proof("GET", "/orders", "another token")),
+        "replayed": lambda: _dpop(guard, token, replayed),
+        "another URL": lambda: _dpop(guard, token, key.proof("GET", "/admin", token)),
+        "another method": lambda: _dpop(guard, token, key.proof("POST", "/orders", token)),
+        "another key": lambda: _dpop(guard, token, other_key.proof("GET", "/orders", token)),
+    }
+    for name, attempt in refusals.items():
+        with pytest.raises(Refused) as caught:
+            attempt()
+        assert caught.value.status_code == 401, name
+        assert caught.value.www_authenticate is not None
+        assert caught.value.www_authenticate.startswith('DPoP realm="session-ledger", error="'), (
+            name
+        )
+
+
+def test_a_bearer_token_cannot_pose_as_a_dpop_one_at_the_guard(
+    server: LiveServer, guard: Guard
+) -> None:
+    token = server.login()["access_token"]
+    key = DpopKey(server.clock, API)
+    with pytest.raises(Refused) as caught:
+        _dpop(guard, token, key.proof("GET", "/orders", token))
+    assert caught.value.error == "invalid_token"
+
+
+def test_the_middleware_checks_a_proof_against_the_url_it_was_sent_to(
+    server: LiveServer, guard: Guard
+) -> None:
+    api = FastAPI()
+
+    @api.get("/orders")
+    async def orders(request: Request) -> dict[str, Any]:
+        return {"user": request.state.claims["sub"]}
+
+    url, stop = serve_in_thread(GuardMiddleware(api, guard=guard))
+    try:
+        key, token = _bound(server)
+        key.base = url
+        headers = {"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", "/orders", token)}
+        assert requests.get(f"{url}/orders", headers=headers, timeout=10).json() == {"user": "ada"}
+        again = requests.get(f"{url}/orders", headers=headers, timeout=10)
+        assert again.status_code == 401
+        assert again.headers["WWW-Authenticate"].startswith('DPoP realm="session-ledger"')
+    finally:
+        stop()
