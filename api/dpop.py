@@ -9,7 +9,6 @@ state shared by every worker, is the caller's.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -25,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import jwt
 
 from api.errors import InvalidDpopProof, UseDpopNonce
-from api.jwk import jwk_thumbprint
+from api.jwk import b64url, jwk_thumbprint
 from ledger.clock import require_aware
 
 PROOF_TYPE = "dpop+jwt"
@@ -126,7 +125,7 @@ def thumbprint(jwk: Mapping[str, Any]) -> str:
 
 def token_hash(access_token: str) -> str:
     """`ath` (§4.2): base64url SHA-256 of the access token's ASCII."""
-    return _b64(hashlib.sha256(access_token.encode("ascii")).digest())
+    return b64url(hashlib.sha256(access_token.encode("ascii")).digest())
 
 
 def normalized_uri(uri: str, *, query_allowed: bool = False) -> str:
@@ -176,7 +175,7 @@ class Nonces:
 
     def _nonce(self, slot: int) -> str:
         packed = struct.pack(">q", slot)
-        return _b64(packed + hmac.digest(self._secret, packed, "sha256")[:16])
+        return b64url(packed + hmac.digest(self._secret, packed, "sha256")[:16])
 
 
 def _header(proof: str) -> dict[str, Any]:
@@ -223,7 +222,3 @@ def _issued_at(value: object, now: datetime, window: timedelta, skew: timedelta)
 def _normal_escape(match: re.Match[str]) -> str:
     char = chr(int(match[0][1:], 16))
     return char if _UNRESERVED.fullmatch(char) else match[0].upper()
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")

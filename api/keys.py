@@ -3,7 +3,6 @@ PostgreSQL and sealed at rest."""
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from api.jwk import jwk_thumbprint
+from api.jwk import b64url, jwk_thumbprint
 from ledger.clock import require_aware
 from ledger.db import translated_errors
 
@@ -128,7 +127,7 @@ class SigningKey:
         raw = self.private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        x = b64url(raw)
         return {
             "kty": "OKP",
             "crv": "Ed25519",
@@ -257,8 +256,7 @@ def load_event_signing_key(pool: ConnectionPool, sealer: Sealer, now: datetime) 
 
 
 def _b64_uint(value: int) -> str:
-    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
 def _pkcs8(key: Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:

@@ -114,8 +114,8 @@ class SignalStream:
 class Pending:
     """What a stream has to deliver next, oldest first, and how far its cursor may move."""
 
-    sets: list[tuple[str, str, datetime]]
-    """(jti, SET, when its event occurred) for each."""
+    sets: list[tuple[str, str]]
+    """(jti, SET) for each."""
     clear: Checkpoint
     """Nothing is left to deliver up to here (every event before the first SET is done)."""
     more: bool
@@ -295,24 +295,40 @@ class Signals:
             # Every SET handed out was at or before the horizon: a later "jti" is no SET's.
             horizon = self._store.horizon()
             acked = stream.acked_ahead | {c for c in done if stream.cursor < c <= horizon}
-            pending = self.pending(stream, limit, acked)
+            pending = self.pending(stream, limit, acked, horizon)
             ahead = sorted(c for c in acked if c > pending.clear)
             conn.execute(
                 _SET_CURSOR, (*pending.clear, [encode_cursor(c) for c in ahead], stream_id)
             )
         if stream.status != "enabled":
             return {}, False
-        return {jti: token for jti, token, _ in pending.sets}, pending.more
+        return dict(pending.sets), pending.more
 
     # -- delivery --------------------------------------------------------------------------------
 
     def pending(
-        self, stream: SignalStream, limit: int, acked: frozenset[Checkpoint] | None = None
+        self,
+        stream: SignalStream,
+        limit: int,
+        acked: frozenset[Checkpoint] | None = None,
+        horizon: Checkpoint | None = None,
     ) -> Pending:
         """The stream's next SETs after its cursor, skipping those in `acked` (its own
-        acknowledgements ahead of the cursor when None)."""
+        acknowledgements ahead of the cursor when None); `horizon`, when the caller read it."""
+        due, clear, more = self._due(stream, limit, acked, horizon)
+        return Pending([self._set(stream, e) for e in self._with_starts(due)], clear, more)
+
+    def _due(
+        self,
+        stream: SignalStream,
+        limit: int,
+        acked: frozenset[Checkpoint] | None,
+        horizon: Checkpoint | None,
+    ) -> tuple[list[RecordedEvent], Checkpoint, bool]:
+        """pending's events, unsigned: the next ones to deliver, how far the cursor may move,
+        and whether more wait."""
         acked = stream.acked_ahead if acked is None else acked
-        horizon = self._store.horizon()
+        horizon = self._store.horizon() if horizon is None else horizon
         types = [SessionEnded.type_name, SignalVerificationRequested.type_name]
         own = signal_stream(stream.stream_id).id
         wants_ends = SESSION_REVOKED in stream.events_delivered
@@ -338,9 +354,7 @@ class Signals:
                     clear = max(clear, horizon)
                 break
             after = page[-1].checkpoint
-        more = len(due) > limit
-        due = due[:limit]
-        return Pending([self._set(stream, e) for e in self._with_starts(due)], clear, more)
+        return due[:limit], clear, len(due) > limit
 
     def signed(self, stream: SignalStream, recorded: RecordedEvent, started: Event | None) -> str:
         """The SET for one event on the stream (RFC 8417, SSF 1.0 §4): iss, aud (the
@@ -430,8 +444,9 @@ class Signals:
         now = self._clock()
         lags = []
         for stream in map(_stream, rows):
-            oldest = self.pending(stream, 1).sets if stream.status != "disabled" else []
-            age = (now - oldest[0][2]).total_seconds() if oldest else 0.0
+            # Only the event's time is needed: nothing is signed.
+            oldest = self._due(stream, 1, None, None)[0] if stream.status != "disabled" else []
+            age = (now - oldest[0].occurred_at).total_seconds() if oldest else 0.0
             lags.append((stream, max(0.0, age)))
         return lags
 
@@ -472,10 +487,9 @@ class Signals:
 
     def _set(
         self, stream: SignalStream, item: tuple[RecordedEvent, Event | None]
-    ) -> tuple[str, str, datetime]:
+    ) -> tuple[str, str]:
         recorded, started = item
-        token = self.signed(stream, recorded, started)
-        return jti_of(stream.stream_id, recorded.checkpoint), token, recorded.occurred_at
+        return jti_of(stream.stream_id, recorded.checkpoint), self.signed(stream, recorded, started)
 
 
 def jti_of(stream_id: str, at: Checkpoint) -> str:
@@ -543,7 +557,7 @@ class Pusher(Periodic):
         if authorization is not None:
             headers["Authorization"] = authorization
         taken = 0
-        for jti, token, _ in pending.sets:
+        for jti, token in pending.sets:
             at = decode_cursor(jti.partition(".")[0])
             try:
                 response = self._http.post(stream.endpoint_url, content=token, headers=headers)

@@ -245,14 +245,21 @@ def test_health_reports_the_feed(server: LiveServer, guard: Guard) -> None:
 # -- in a resource server -----------------------------------------------------------------------
 
 
-def test_a_fastapi_resource_server_refuses_an_ended_sessions_token(
-    server: LiveServer, guard: Guard
-) -> None:
+def _orders_api() -> FastAPI:
+    """A resource server's one route, answering with the user its guard found."""
     api = FastAPI()
 
     @api.get("/orders")
     async def orders(request: Request) -> dict[str, Any]:
         return {"user": request.state.claims["sub"]}
+
+    return api
+
+
+def test_a_fastapi_resource_server_refuses_an_ended_sessions_token(
+    server: LiveServer, guard: Guard
+) -> None:
+    api = _orders_api()
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -380,11 +387,7 @@ def test_a_bearer_token_cannot_pose_as_a_dpop_one_at_the_guard(
 def test_the_middleware_checks_a_proof_against_the_url_it_was_sent_to(
     server: LiveServer, guard: Guard
 ) -> None:
-    api = FastAPI()
-
-    @api.get("/orders")
-    async def orders(request: Request) -> dict[str, Any]:
-        return {"user": request.state.claims["sub"]}
+    api = _orders_api()
 
     url, stop = serve_in_thread(GuardMiddleware(api, guard=guard))
     try:
