@@ -408,11 +408,13 @@ class SessionService:
 
     # -- revocation and introspection ---------------------------------------------------------
 
-    def revoke(self, token: str, client: Client, info: RequestInfo) -> None:
+    def revoke(self, token: str, client: Client, info: RequestInfo, jkt: str | None = None) -> None:
         """RFC 7009: end the token's session; unknown or foreign tokens are ignored.
 
         Both kinds of token are tried, so a token_type_hint is not needed (RFC 7009 §2.1 lets a
-        server ignore it).
+        server ignore it). A session bound to a DPoP key is ended only with a proof by that key
+        (`jkt`, the request's): any other try is refused and recorded (DpopProofRefused), as a
+        refresh would be, since whoever cannot use a stolen token should not log its owner out.
         """
         session_id = self._session_of(token)
         if session_id is None:
@@ -421,9 +423,23 @@ class SessionService:
             state = load_session(conn, session_id, for_update=False)
         if state is None or state.client_id != client.client_id:
             return
-        self._decide(
-            session_id, info, lambda s, at: session.decide_end(s, "logout", at, self._policy)
-        )
+
+        def decide(state: SessionState, at: datetime) -> Decision:
+            if state.ended_at is not None:  # nothing left to revoke, nor to guard
+                return session.decide_end(state, "logout", at, self._policy)
+            refused = session.decide_dpop(
+                state,
+                jkt,
+                ip=info.ip,
+                user_agent=info.user_agent,
+                now=at,
+                revoke=self._settings.dpop_mismatch_revokes,
+            )
+            return refused or session.decide_end(state, "logout", at, self._policy)
+
+        decision = self._decide(session_id, info, decide)
+        if decision is not None and decision.outcome is Outcome.DPOP_REFUSED:
+            raise InvalidDpopProof(_DPOP_REFUSALS["missing" if jkt is None else "another_key"])
 
     async def introspect(self, token: str, hint: str | None) -> dict[str, object]:
         """RFC 7662: the token's claims when it is active, else only `active: false`."""

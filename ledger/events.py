@@ -239,9 +239,9 @@ def _reuse_without_grace_retries(data: dict[str, JsonValue]) -> dict[str, JsonVa
 
 @dataclass(frozen=True, kw_only=True)
 class DpopProofRefused(Event):
-    """A refresh of the session, which is bound to a DPoP key, came without a proof
-    (`reason` `missing`) or with another key's (`another_key`, whose thumbprint is `jkt`), from
-    `ip` with `user_agent`. The session goes on, unless LEDGER_DPOP_MISMATCH_REVOKES."""
+    """A refresh or a revocation of the session, which is bound to a DPoP key, came without a
+    proof (`reason` `missing`) or with another key's (`another_key`, whose thumbprint is `jkt`),
+    from `ip` with `user_agent`. The session goes on, unless LEDGER_DPOP_MISMATCH_REVOKES."""
 
     reason: str
     jkt: str | None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ledger.events import (
+    DpopProofRefused,
     LoginFailed,
     PrincipalLocked,
     RefreshTokenReuseDetected,
@@ -172,8 +173,9 @@ def tally(
 
 # -- alerts ---------------------------------------------------------------------------------------
 
-ALERTS_NEED = (RefreshTokenReuseDetected.type_name,)
-"""The event types whose session origin the alerts need (the user of a reused token)."""
+ALERTS_NEED = (RefreshTokenReuseDetected.type_name, DpopProofRefused.type_name)
+"""The event types whose session origin the alerts need (the user of a reused token, or of a
+bound one presented without its key)."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,11 @@ def alert_for(
             ip if isinstance(ip, str) else None,
             details,
         )
+    if isinstance(event, DpopProofRefused):
+        origin = origins[recorded.stream_id]
+        details = {"reason": event.reason, "jkt": event.jkt, "user_agent": event.user_agent}
+        session_id = session_id_of(recorded.stream_id)
+        return Alert(position, "dpop_refused", at, origin.user, session_id, event.ip, details)
     if isinstance(event, PrincipalLocked):
         name = principal_name_of(recorded.stream_id)
         details = {"until": format_timestamp(event.until), "failures": event.failures}

@@ -26,6 +26,7 @@ from api.http.errors import (
     error_response,
 )
 from api.http.forms import json_text, read_json, required_json_text
+from api.http.proofs import nonced, request_proof
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 
@@ -73,8 +74,11 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     username, password = required_json_text(body, "username"), required_json_text(body, "password")
     scope = json_text(body, "scope")
     client = await _public_client(request, required_json_text(body, "client_id"), "password")
-    grant = await run_in_threadpool(service.login, username, password, client, scope, info)
-    return _granted(grant, service)
+    # RFC 9449 §5, as at /oauth/token: a proof binds the session to its key.
+    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+    jkt = None if proof is None else proof.jkt
+    grant = await run_in_threadpool(service.login, username, password, client, scope, info, jkt)
+    return _granted(request, grant, service)
 
 
 @router.post(
@@ -86,16 +90,19 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
 async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
     body = await read_json(request)
     client = await _public_client(request, required_json_text(body, "client_id"), "refresh_token")
+    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
     try:
         token = await _refresh_cookie(request, service, info)
         if not token:
             raise InvalidGrant("there is no browser session: the refresh cookie is missing")
-        grant = await service.refresh(token, client, info)
+        # A bound session's cookie is worth nothing without its key's proof: a refusal for
+        # that is recorded and keeps the cookie, which its owner can go on using.
+        grant = await service.refresh(token, client, info, None if proof is None else proof.jkt)
     except (InvalidGrant, InvalidRequest) as e:
         refused = error_response(e)
         _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser
         return refused
-    return _granted(grant, service)
+    return _granted(request, grant, service)
 
 
 @router.post(
@@ -108,6 +115,7 @@ async def refresh(request: Request, service: Service, info: Info) -> JSONRespons
 async def logout(request: Request, service: Service, info: Info) -> Response:
     body = await read_json(request)
     client = await _public_client(request, required_json_text(body, "client_id"), None)
+    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
     try:
         token = await _refresh_cookie(request, service, info)
     except InvalidRequest as e:
@@ -115,8 +123,9 @@ async def logout(request: Request, service: Service, info: Info) -> Response:
         _clear_cookie(refused)
         return refused
     if token:
-        await run_in_threadpool(service.revoke, token, client, info)
-    response = Response(status_code=204, headers=NO_STORE)
+        jkt = None if proof is None else proof.jkt
+        await run_in_threadpool(service.revoke, token, client, info, jkt)
+    response = Response(status_code=204, headers=nonced(request, NO_STORE))
     _clear_cookie(response)
     return response
 
@@ -186,17 +195,17 @@ def _inline(page: bytes, start: bytes, end: bytes) -> str:
     return f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
 
 
-def _granted(grant: TokenGrant, service: SessionService) -> JSONResponse:
+def _granted(request: Request, grant: TokenGrant, service: SessionService) -> JSONResponse:
     # SECURITY: the refresh token goes into the HttpOnly cookie and nowhere else; never add it
     # to this body, where the page's scripts (and anything injected into them) could read it.
     body = {
         "access_token": grant.access_token,
-        "token_type": "Bearer",
+        "token_type": grant.token_type,
         "expires_in": grant.expires_in,
         "scope": " ".join(grant.scope),
         "idle_timeout": int(service.policy.idle_timeout.total_seconds()),
     }
-    response = JSONResponse(body, headers=NO_STORE)
+    response = JSONResponse(body, headers=nonced(request, NO_STORE))
     assert grant.refresh_token is not None  # a login's or a refresh's grant has one
     response.set_cookie(
         REFRESH_COOKIE,

@@ -10,13 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.accounts import CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS
-from api.dpop import Nonces
 from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
 from api.http.forms import read_form, required
-from api.http.proofs import request_proof
+from api.http.proofs import nonced, request_proof
 from api.sessions import TokenGrant
 from api.signals import Signals
 
@@ -32,9 +31,8 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     client = await authenticated_client(request, form, info)
     if grant_type not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant_type} grant")
-    nonces: Nonces | None = request.app.state.dpop_nonces
     # RFC 9449 §5: a proof binds the session, or must match its key.
-    proof = await request_proof(request, nonces=nonces)
+    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
     jkt = None if proof is None else proof.jkt
     if grant_type == "password":
         username, password = required(form, "username"), required(form, "password")
@@ -49,10 +47,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
             raise InvalidRequest("a refresh keeps the session's scope; omit scope")
         refresh_token = required(form, "refresh_token")
         grant = await service.refresh(refresh_token, client, info, jkt)
-    headers = dict(NO_STORE)
-    if nonces is not None:  # §8.2: the nonce to use next
-        headers["DPoP-Nonce"] = nonces.current(service.clock())
-    return JSONResponse(_token_body(grant), headers=headers)
+    return JSONResponse(_token_body(grant), headers=nonced(request, NO_STORE))
 
 
 @router.post(
@@ -65,8 +60,12 @@ async def revoke(request: Request, service: Service, info: Info) -> Response:
     form = await read_form(request)
     client = await authenticated_client(request, form, info)
     token_value = required(form, "token")  # token_type_hint needs no reading: both are tried
-    await run_in_threadpool(service.revoke, token_value, client, info)
-    return Response(status_code=200, headers=NO_STORE)
+    # A bound session is revoked only with its key's proof: whoever stole its token and cannot
+    # use it cannot log its owner out either.
+    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+    jkt = None if proof is None else proof.jkt
+    await run_in_threadpool(service.revoke, token_value, client, info, jkt)
+    return Response(status_code=200, headers=nonced(request, NO_STORE))
 
 
 @router.post(

@@ -42,6 +42,14 @@ async def request_proof(
     return proof
 
 
+def nonced(request: Request, headers: dict[str, str]) -> dict[str, str]:
+    """`headers` with the DPoP nonce to use next when server nonces are on (RFC 9449 §8.2)."""
+    nonces: Nonces | None = request.app.state.dpop_nonces
+    if nonces is None:
+        return headers
+    return {**headers, "DPoP-Nonce": nonces.current(request.app.state.service.clock())}
+
+
 async def access_token(request: Request) -> tuple[str, str | None] | None:
     """The request's access token with, for `Authorization: DPoP`, its proof's key thumbprint
     (RFC 9449 §7.1); None without one. A proof that fails is a 401 with a DPoP challenge."""

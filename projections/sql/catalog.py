@@ -95,7 +95,8 @@ PROJECTIONS: dict[str, Projection] = {
             {"alerts": ("position",), "address_failures": ("ip",)},
             summaries.apply_alerts,
             False,
-            "security alerts: refresh-token reuse, lockouts, failure bursts from one address",
+            "security alerts: refresh-token reuse, bound sessions used without their DPoP key,"
+            " lockouts, failure bursts from one address",
         ),
     )
 }

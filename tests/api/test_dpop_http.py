@@ -13,7 +13,9 @@ import httpx
 import jwt
 import pytest
 import requests
+from psycopg_pool import ConnectionPool
 
+from projections.sql.runner import Runner
 from tests.api.conftest import PASSWORD, SECRET, DpopKey, LiveServer
 
 ISSUER = "https://ledger.test"  # the live server's: proofs name it in htu
@@ -236,3 +238,120 @@ def test_introspection_shows_the_key_and_the_dpop_type(live: LiveServer) -> None
 def test_the_metadata_lists_the_proof_algorithms(live: LiveServer) -> None:
     meta = live.get("/.well-known/oauth-authorization-server").json()
     assert meta["dpop_signing_alg_values_supported"] == ["ES256", "EdDSA"]
+
+
+def _revoke(live: LiveServer, token: str, proof: str | None) -> requests.Response:
+    form = {"client_id": "spa", "token": token}
+    return live.post("/oauth/revoke", data=form, headers={} if proof is None else {"DPoP": proof})
+
+
+def test_a_bound_session_is_revoked_only_with_its_keys_proof(live: LiveServer) -> None:
+    key, thief = DpopKey(live.clock, ISSUER), DpopKey(live.clock, ISSUER)
+    tokens = _bound_login(live, key)
+    for token in (tokens["refresh_token"], tokens["access_token"]):
+        for proof in (None, thief.proof("POST", "/oauth/revoke")):
+            refused = _revoke(live, token, proof)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"] == "invalid_dpop_proof"
+    attempts = [e.data["reason"] for e in live.events("session:") if e.type == "DpopProofRefused"]
+    assert attempts == ["missing", "another_key"] * 2
+    assert "SessionEnded" not in live.types()
+    revoked = _revoke(live, tokens["refresh_token"], key.proof("POST", "/oauth/revoke"))
+    assert revoked.status_code == 200, revoked.text
+    (ended,) = [e for e in live.events("session:") if e.type == "SessionEnded"]
+    assert ended.data["reason"] == "logout"
+    # Once the session is over, its token is as good as unknown (RFC 7009 §2.2): 200.
+    assert _revoke(live, tokens["refresh_token"], None).status_code == 200
+
+
+def test_an_unbound_session_is_revoked_without_a_proof(live: LiveServer) -> None:
+    tokens = _login(live, None).json()
+    assert _revoke(live, tokens["refresh_token"], None).status_code == 200
+    assert live.types()[-1] == "SessionEnded"
+
+
+BROWSER = {"Origin": ISSUER, "X-Requested-With": "test"}
+COOKIE = "__Host-ledger-refresh"
+
+
+def _browser(
+    live: LiveServer, path: str, body: dict[str, str], cookie: str | None, proof: str | None
+) -> requests.Response:
+    headers = dict(BROWSER)
+    if cookie is not None:
+        headers["Cookie"] = f"{COOKIE}={cookie}"
+    if proof is not None:
+        headers["DPoP"] = proof
+    return requests.post(live.url + path, json=body, headers=headers, timeout=30)
+
+
+def test_browser_mode_binds_the_cookie_to_the_key(live: LiveServer) -> None:
+    key, thief = DpopKey(live.clock, ISSUER), DpopKey(live.clock, ISSUER)
+    ada = {"username": "ada", "password": PASSWORD, "client_id": "spa"}
+    login = _browser(live, "/browser/login", ada, None, key.proof("POST", "/browser/login"))
+    assert login.status_code == 200, login.text
+    assert login.json()["token_type"] == "DPoP"
+    cookie = login.cookies[COOKIE]
+    spa = {"client_id": "spa"}
+    for proof in (None, thief.proof("POST", "/browser/refresh")):
+        refused = _browser(live, "/browser/refresh", spa, cookie, proof)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "invalid_dpop_proof"
+        assert "set-cookie" not in refused.headers  # the owner's cookie is still good
+    out = _browser(live, "/browser/logout", spa, cookie, None)
+    assert out.status_code == 400
+    assert out.json()["error"] == "invalid_dpop_proof"
+    refreshed = _browser(
+        live, "/browser/refresh", spa, cookie, key.proof("POST", "/browser/refresh")
+    )
+    assert refreshed.status_code == 200, refreshed.text
+    assert refreshed.json()["token_type"] == "DPoP"
+    attempts = [e.data["reason"] for e in live.events("session:") if e.type == "DpopProofRefused"]
+    assert attempts == ["missing", "another_key", "missing"]
+    cookie = refreshed.cookies[COOKIE]
+    out = _browser(live, "/browser/logout", spa, cookie, key.proof("POST", "/browser/logout"))
+    assert out.status_code == 204
+    assert live.types()[-1] == "SessionEnded"
+
+
+def test_browser_mode_asks_for_the_servers_nonce_when_nonces_are_on(
+    live_factory: Callable[..., LiveServer],
+) -> None:
+    live = live_factory(dpop_nonce=True)
+    key = DpopKey(live.clock, ISSUER)
+    ada = {"username": "ada", "password": PASSWORD, "client_id": "spa"}
+    first = _browser(live, "/browser/login", ada, None, key.proof("POST", "/browser/login"))
+    assert first.status_code == 400
+    assert first.json()["error"] == "use_dpop_nonce"
+    nonce = first.headers["DPoP-Nonce"]
+    proof = key.proof("POST", "/browser/login", nonce=nonce)
+    retried = _browser(live, "/browser/login", ada, None, proof)
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["DPoP-Nonce"]
+
+
+def test_refused_proofs_are_alerts_for_the_auditors(live: LiveServer, pool: ConnectionPool) -> None:
+    live.accounts.add_user("sec", PASSWORD, ("audit",))
+    auditor = live.bearer(live.login(username="sec", scope="audit")["access_token"])
+    key, thief = DpopKey(live.clock, ISSUER), DpopKey(live.clock, ISSUER)
+    tokens = _bound_login(live, key)
+    refused = live.post(
+        "/oauth/token",
+        data={
+            "grant_type": "refresh_token",
+            "client_id": "spa",
+            "refresh_token": tokens["refresh_token"],
+        },
+        headers={"DPoP": thief.proof("POST", "/oauth/token"), "User-Agent": "thief/1.0"},
+    )
+    assert refused.status_code == 400
+    Runner(live.settings.database_url or "", pool).run_once()
+    (alert,) = live.get("/audit/alerts", headers=auditor).json()["alerts"]
+    assert (alert["kind"], alert["user_name"], alert["ip"]) == ("dpop_refused", "ada", "127.0.0.1")
+    sid = jwt.decode(tokens["access_token"], options={"verify_signature": False})["sid"]
+    assert alert["session_id"] == sid
+    assert alert["details"] == {
+        "reason": "another_key",
+        "jkt": thief.jkt,
+        "user_agent": "thief/1.0",
+    }
