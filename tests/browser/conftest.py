@@ -69,12 +69,18 @@ def ledger_accounts(pool: ConnectionPool) -> Accounts:
 
 @pytest.fixture
 def ledger(
-    db_url: str, pool: ConnectionPool, clock: ManualClock, ledger_accounts: Accounts
+    request: pytest.FixtureRequest,
+    db_url: str,
+    pool: ConnectionPool,
+    clock: ManualClock,
+    ledger_accounts: Accounts,
 ) -> Iterator[LiveServer]:
-    """The API in demo mode on a free port; its own origin is the only one allowed (the default)."""
+    """The API in demo mode on a free port; its own origin is the only one allowed (the default).
+    Parametrized indirectly, the parameter holds more settings."""
     sock = loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    settings = Settings(database_url=db_url, issuer=url, policy=SHORT_POLICY, demo=True)
+    more: dict[str, Any] = getattr(request, "param", {})
+    settings = Settings(database_url=db_url, issuer=url, policy=SHORT_POLICY, demo=True, **more)
     app = create_app(settings, db_url, clock=clock, hasher=CHEAP_HASHER)
     stop = serve_on(app, sock)
     with requests.Session() as http:
@@ -90,11 +96,12 @@ class Browsing:
     context: BrowserContext
     statuses: list[tuple[int, str]] = field(default_factory=list)
 
-    def open(self) -> Page:
-        """A tab on the demo page, logged in if the browser holds a session."""
+    def open(self, *, dpop: bool = True) -> Page:
+        """A tab on the demo page, logged in if the browser holds a session; its client binds
+        sessions to a DPoP key unless `dpop` is false."""
         page = self.context.new_page()
         page.on("response", self._note)
-        page.goto(f"{self.ledger.url}/demo?client_id=spa")
+        page.goto(f"{self.ledger.url}/demo?client_id=spa{'' if dpop else '&dpop=off'}")
         expect(page.locator("#status")).not_to_have_text("Starting…")
         return page
 

@@ -3,12 +3,15 @@
 // One ES module without dependencies or a build step. The refresh token never reaches this code:
 // it travels in an HttpOnly cookie that only /browser/refresh and /browser/logout read. The
 // access token lives in this object's memory only (and in messages to this origin's other tabs).
+// By default each login makes a DPoP key pair (RFC 9449) that no script can export, kept in
+// IndexedDB for this origin's tabs: the server binds the session to it, and the cookie and the
+// access token are then worth nothing without a proof signed by it.
 //
 //   import { SessionClient } from "/static/session-client.js";
 //   const client = new SessionClient({ clientId: "spa" });
 //   client.addEventListener("logged-out", (e) => showLogin(e.detail.reason));
 //   if (!(await client.resume())) await client.login(username, password);
-//   const response = await client.fetch("/sessions"); // Bearer added; a 401 refreshes once
+//   const response = await client.fetch("/sessions"); // token, proof added; 401: refresh once
 //
 // Events (CustomEvent, details in braces): "logged-in" {source}, "refreshed" {expiresAt,
 // source: "self" | "tab"}, "idle-logout", "reuse-detected", "logged-out" {reason: "logout" |
@@ -18,6 +21,8 @@ const ACTIVITY_EVENTS = ["pointerdown", "pointermove", "keydown", "wheel", "touc
 const MAX_SKEW_MS = 5_000; // a token this close to its expiry is not sent any more
 const RETRY_MS = 5_000; // after a refresh that failed for a transient reason
 const PEER_WAIT_MS = 10_000; // the longest wait for another tab's token
+export const DPOP_DATABASE = "session-ledger-dpop"; // IndexedDB: one key per client id
+const DPOP_STORE = "keys";
 
 /** A refused request: `error` and `description` are the server's RFC 6749 fields. */
 export class SessionError extends Error {
@@ -39,7 +44,9 @@ export class SessionClient extends EventTarget {
   #channel = null;
   #tabId = Math.random().toString(36).slice(2);
   #token = null;
+  #tokenType = "Bearer";
   #sid = null;
+  #dpop; // this client's DPoP keys, or null when it does not bind sessions
   #expiresAt = 0;
   #lifetime = 0;
   #idleTimeout = 0;
@@ -67,6 +74,9 @@ export class SessionClient extends EventTarget {
    * @param {number} [options.activityInterval] report activity at most this often, in seconds
    * @param {string[]} [options.activityEvents] the events on `window` that count as activity
    * @param {string[]} [options.tokenOrigins] origins `fetch` may send the access token to
+   * @param {boolean} [options.dpop] bind sessions to a DPoP key (needs WebCrypto and IndexedDB)
+   * @param {"ES256" | "EdDSA"} [options.dpopAlgorithm] the key's algorithm; EdDSA (Ed25519)
+   *   where the browser has it, else ES256
    */
   constructor({
     clientId,
@@ -75,6 +85,8 @@ export class SessionClient extends EventTarget {
     activityInterval = 60,
     activityEvents = ACTIVITY_EVENTS,
     tokenOrigins,
+    dpop = true,
+    dpopAlgorithm = "ES256",
   } = {}) {
     super();
     if (!clientId) throw new TypeError("SessionClient needs a clientId");
@@ -89,6 +101,8 @@ export class SessionClient extends EventTarget {
     };
     this.#locks = globalThis.navigator?.locks ?? null;
     this.#lockName = `session-ledger:${clientId}`;
+    const capable = globalThis.crypto?.subtle && globalThis.indexedDB;
+    this.#dpop = dpop && capable ? new DpopKeys(clientId, dpopAlgorithm) : null;
     if (typeof BroadcastChannel === "function") {
       this.#channel = new BroadcastChannel(this.#lockName);
       this.#channel.onmessage = (event) => this.#receive(event.data);
@@ -107,7 +121,10 @@ export class SessionClient extends EventTarget {
   async login(username, password, { scope } = {}) {
     const body = { username, password, client_id: this.#clientId };
     if (scope) body.scope = scope;
-    await this.#adopt(await this.#call("/browser/login", body), "login");
+    const key = await this.#dpop?.generate(); // a new session, a new key
+    const granted = await this.#call("/browser/login", body, key);
+    if (key) await this.#dpop.keep(key, sessionOf(granted.access_token)); // before other tabs hear
+    await this.#adopt(granted, "login");
   }
 
   /** Continue the session of the refresh cookie, if any (on page load); true when logged in. */
@@ -129,7 +146,8 @@ export class SessionClient extends EventTarget {
     return this.#refreshing;
   }
 
-  /** `fetch` with the Bearer token; a 401 refreshes once and replays the request. */
+  /** `fetch` with the access token (and a DPoP proof for a bound one); a 401 refreshes once and
+   * replays the request. */
   async fetch(input, init) {
     const request = new Request(input, init);
     if (!this.#options.tokenOrigins.has(new URL(request.url).origin)) return fetch(request);
@@ -147,7 +165,7 @@ export class SessionClient extends EventTarget {
       if (everywhere && this.#token !== null) {
         await this.fetch(`${this.#base}/sessions`, { method: "DELETE" });
       }
-      await this.#exclusively(() => this.#call("/browser/logout", { client_id: this.#clientId }));
+      await this.#exclusively(() => this.#callLogout());
     } finally {
       this.#end(everywhere ? "everywhere" : "logout", true);
     }
@@ -173,7 +191,8 @@ export class SessionClient extends EventTarget {
   async #refreshNow() {
     let body;
     try {
-      body = await this.#call("/browser/refresh", { client_id: this.#clientId });
+      const key = await this.#dpop?.current();
+      body = await this.#call("/browser/refresh", { client_id: this.#clientId }, key);
     } catch (error) {
       if (!(error instanceof SessionError) || error.error !== "invalid_grant") throw error;
       this.#end(endReason(error.description), true);
@@ -190,10 +209,22 @@ export class SessionClient extends EventTarget {
     return Date.now() < this.#expiresAt - skew ? this.#token : this.refresh();
   }
 
-  #authorized(request, token) {
-    const copy = request.clone(); // the original keeps its body for a replay
-    if (token !== null) copy.headers.set("Authorization", `Bearer ${token}`);
-    return fetch(copy);
+  async #authorized(request, token) {
+    if (token === null) return fetch(request.clone()); // the original keeps its body for a replay
+    const dpop = this.#tokenType === "DPoP" ? await this.#dpop?.current() : null;
+    if (!dpop) {
+      const copy = request.clone();
+      copy.headers.set("Authorization", `Bearer ${token}`);
+      return fetch(copy);
+    }
+    // RFC 9449 §7: the DPoP scheme, and a proof of this request that holds the token's hash.
+    for (let attempt = 0; ; attempt++) {
+      const copy = request.clone();
+      copy.headers.set("Authorization", `DPoP ${token}`);
+      copy.headers.set("DPoP", await dpop.proof(copy.method, copy.url, token));
+      const response = await fetch(copy);
+      if (attempt > 0 || !(await dpop.askedForNonce(response))) return response;
+    }
   }
 
   #adopt(body, source) {
@@ -201,6 +232,7 @@ export class SessionClient extends EventTarget {
     const at = Date.now();
     const grant = {
       token: body.access_token,
+      tokenType: body.token_type,
       expiresAt: at + body.expires_in * 1000,
       lifetime: body.expires_in * 1000,
       idleTimeout: (body.idle_timeout ?? 0) * 1000,
@@ -214,8 +246,11 @@ export class SessionClient extends EventTarget {
 
   #apply(grant, source) {
     const wasIn = this.#token !== null;
+    const sid = sessionOf(grant.token);
+    if (source === "tab" && sid !== this.#sid) this.#dpop?.forget(); // its key is in the store
     this.#token = grant.token;
-    this.#sid = sessionOf(grant.token);
+    this.#tokenType = grant.tokenType;
+    this.#sid = sid;
     this.#expiresAt = grant.expiresAt;
     this.#lifetime = grant.lifetime;
     this.#idleTimeout = grant.idleTimeout;
@@ -231,6 +266,9 @@ export class SessionClient extends EventTarget {
   #end(reason, broadcast) {
     const wasIn = this.#token !== null;
     if (broadcast && this.#sid !== null) this.#broadcast({ type: "logout", reason, sid: this.#sid });
+    // The session's key is worth nothing now: the tab that ends it deletes it.
+    if (broadcast && this.#sid !== null) this.#dpop?.discard(this.#sid).catch(() => {});
+    this.#dpop?.forget();
     if (this.#sid !== null) this.#ended.add(this.#sid);
     this.#token = null;
     this.#sid = null;
@@ -282,7 +320,7 @@ export class SessionClient extends EventTarget {
     if (Date.now() < this.#idleDeadline()) return this.#scheduleIdle();
     try {
       // The server has expired the session already: this records the end and clears the cookie.
-      await this.#exclusively(() => this.#call("/browser/logout", { client_id: this.#clientId }));
+      await this.#exclusively(() => this.#callLogout());
     } catch {
       // The session is over either way.
     }
@@ -427,14 +465,27 @@ export class SessionClient extends EventTarget {
 
   // -- HTTP ----------------------------------------------------------------------------------
 
-  async #call(path, payload) {
-    const response = await fetch(`${this.#base}${path}`, {
-      method: "POST",
-      credentials: "include",
-      cache: "no-store",
-      headers: { "Content-Type": "application/json", "X-Requested-With": "session-client" },
-      body: JSON.stringify(payload),
-    });
+  async #callLogout() {
+    const key = await this.#dpop?.current();
+    return this.#call("/browser/logout", { client_id: this.#clientId }, key);
+  }
+
+  /** POST `payload` to a /browser endpoint, with a DPoP proof by `key` when there is one. */
+  async #call(path, payload, key = null) {
+    const url = `${this.#base}${path}`;
+    let response;
+    for (let attempt = 0; ; attempt++) {
+      const headers = { "Content-Type": "application/json", "X-Requested-With": "session-client" };
+      if (key) headers.DPoP = await key.proof("POST", url);
+      response = await fetch(url, {
+        method: "POST",
+        credentials: "include",
+        cache: "no-store",
+        headers,
+        body: JSON.stringify(payload),
+      });
+      if (!key || attempt > 0 || !(await key.askedForNonce(response))) break; // retry once
+    }
     if (response.status === 204) return null;
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
@@ -465,4 +516,165 @@ function sessionOf(token) {
   } catch {
     return null;
   }
+}
+
+// -- DPoP (RFC 9449) ------------------------------------------------------------------------------
+
+/** This client's DPoP key in IndexedDB, shared by the origin's tabs, with the servers' nonces. */
+class DpopKeys {
+  #name;
+  #algorithm;
+  #nonces = new Map(); // origin -> the DPoP-Nonce it sent last (§8, §9)
+  #current = null; // a promise of the stored key, until another tab may have replaced it
+
+  constructor(clientId, algorithm) {
+    this.#name = clientId;
+    this.#algorithm = algorithm;
+  }
+
+  /** A new key pair, its private half not extractable; null where WebCrypto refuses. */
+  async generate() {
+    try {
+      const { pair, alg } = await generatePair(this.#algorithm);
+      const jwk = publicMembers(await crypto.subtle.exportKey("jwk", pair.publicKey));
+      return new DpopKey(pair.privateKey, alg, jwk, this.#nonces);
+    } catch (error) {
+      console.warn("session-client: no DPoP key, the session is not bound", error);
+      return null;
+    }
+  }
+
+  /** Keep `key` as the key of the session `sid`, in place of any before it. */
+  async keep(key, sid) {
+    const record = { privateKey: key.privateKey, alg: key.alg, jwk: key.jwk, sid };
+    await keyStore("readwrite", (store) => store.put(record, this.#name));
+    this.#current = Promise.resolve(key);
+  }
+
+  /** The stored key, or null. */
+  current() {
+    this.#current ??= keyStore("readonly", (store) => store.get(this.#name)).then(
+      (record) => record && new DpopKey(record.privateKey, record.alg, record.jwk, this.#nonces),
+      () => null,
+    );
+    return this.#current;
+  }
+
+  /** Read the store again on next use (another tab may have replaced the key). */
+  forget() {
+    this.#current = null;
+  }
+
+  /** Delete the stored key if it is the session `sid`'s (not a newer login's). */
+  discard(sid) {
+    this.#current = null;
+    return keyStore("readwrite", (store) => {
+      const stored = store.get(this.#name);
+      stored.onsuccess = () => {
+        if (stored.result?.sid === sid) store.delete(this.#name);
+      };
+    });
+  }
+}
+
+class DpopKey {
+  #nonces;
+
+  constructor(privateKey, alg, jwk, nonces) {
+    this.privateKey = privateKey;
+    this.alg = alg;
+    this.jwk = jwk;
+    this.#nonces = nonces;
+  }
+
+  /** A proof (§4.2) for `method` on `url`; with `accessToken`, for a resource request (§7). */
+  async proof(method, url, accessToken) {
+    const target = new URL(url, location.href);
+    target.search = ""; // §4.2: htu without query and fragment
+    target.hash = "";
+    const claims = {
+      jti: base64url(crypto.getRandomValues(new Uint8Array(16))),
+      htm: method,
+      htu: target.href,
+      iat: Math.floor(Date.now() / 1000),
+    };
+    if (accessToken) claims.ath = base64url(await sha256(accessToken));
+    const nonce = this.#nonces.get(target.origin);
+    if (nonce) claims.nonce = nonce;
+    const header = { typ: "dpop+jwt", alg: this.alg, jwk: this.jwk };
+    const input = `${base64urlJson(header)}.${base64urlJson(claims)}`;
+    const signature = await crypto.subtle.sign(
+      SIGNING[this.alg],
+      this.privateKey,
+      new TextEncoder().encode(input),
+    );
+    return `${input}.${base64url(signature)}`;
+  }
+
+  /** Note the response's DPoP-Nonce; true when it refused the proof for want of that nonce. */
+  async askedForNonce(response) {
+    const nonce = response.headers.get("DPoP-Nonce");
+    if (!nonce) return false;
+    this.#nonces.set(new URL(response.url).origin, nonce);
+    if (response.status === 401) {
+      return /error="use_dpop_nonce"/.test(response.headers.get("WWW-Authenticate") ?? "");
+    }
+    if (response.status !== 400) return false;
+    const body = await response.clone().json().catch(() => ({}));
+    return body.error === "use_dpop_nonce";
+  }
+}
+
+const SIGNING = { ES256: { name: "ECDSA", hash: "SHA-256" }, EdDSA: { name: "Ed25519" } };
+
+async function generatePair(algorithm) {
+  if (algorithm === "EdDSA") {
+    try {
+      const pair = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
+      return { pair, alg: "EdDSA" };
+    } catch {
+      // This browser has no Ed25519: ES256, which every one has.
+    }
+  }
+  const ecdsa = { name: "ECDSA", namedCurve: "P-256" };
+  return { pair: await crypto.subtle.generateKey(ecdsa, false, ["sign", "verify"]), alg: "ES256" };
+}
+
+function publicMembers({ kty, crv, x, y }) {
+  return y === undefined ? { kty, crv, x } : { kty, crv, x, y };
+}
+
+/** Run `use` on the key store in one transaction; its request's result, once committed. */
+function keyStore(mode, use) {
+  return new Promise((resolve, reject) => {
+    const opening = indexedDB.open(DPOP_DATABASE, 1);
+    opening.onupgradeneeded = () => opening.result.createObjectStore(DPOP_STORE);
+    opening.onerror = () => reject(opening.error);
+    opening.onsuccess = () => {
+      const db = opening.result;
+      const tx = db.transaction(DPOP_STORE, mode);
+      const request = use(tx.objectStore(DPOP_STORE));
+      tx.oncomplete = () => {
+        db.close();
+        resolve(request?.result);
+      };
+      tx.onerror = tx.onabort = () => {
+        db.close();
+        reject(tx.error);
+      };
+    };
+  });
+}
+
+async function sha256(text) {
+  return crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+}
+
+function base64urlJson(value) {
+  return base64url(new TextEncoder().encode(JSON.stringify(value)));
+}
+
+function base64url(bytes) {
+  const binary = String.fromCharCode(...new Uint8Array(bytes));
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
