@@ -85,6 +85,8 @@ class Client:
     grants: tuple[str, ...]
     scopes: tuple[str, ...] = ()
     """What the client itself may do (INTROSPECT_SCOPE), apart from its users' scopes."""
+    dpop_bound: bool = False
+    """Every token request needs a DPoP proof (RFC 9449 §5.2, dpop_bound_access_tokens)."""
 
     @property
     def is_confidential(self) -> bool:
@@ -156,6 +158,8 @@ class Accounts:
         secret: str | None,
         grants: tuple[str, ...],
         scopes: tuple[str, ...] = (),
+        *,
+        dpop_bound: bool = False,
     ) -> Client:
         _check_name(client_id, "client id")
         unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
@@ -174,11 +178,12 @@ class Accounts:
             raise AccountError(f"only a confidential client may hold {INTROSPECT_SCOPE}")
         secret_hash = None if secret is None else self.secret_hash(secret)
         granted = self.checked_scopes(scopes)
-        client = Client(client_id, secret_hash, tuple(dict.fromkeys(grants)), granted)
+        grants = tuple(dict.fromkeys(grants))
+        client = Client(client_id, secret_hash, grants, granted, dpop_bound)
         self._insert(
-            "INSERT INTO clients (client_id, secret_hash, grants, scopes) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
-            (client.client_id, client.secret_hash, list(client.grants), list(client.scopes)),
+            "INSERT INTO clients (client_id, secret_hash, grants, scopes, dpop_bound)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (client_id, secret_hash, list(grants), list(granted), dpop_bound),
             f"client {client_id!r} already exists",
         )
         return client
@@ -252,7 +257,9 @@ _USER = (
     "SELECT name, password_hash, scopes FROM users"
     ' WHERE name_key = %s AND lower(name COLLATE "C") = %s'
 )
-_CLIENT = "SELECT client_id, secret_hash, grants, scopes FROM clients WHERE client_id = %s"
+_CLIENT = (
+    "SELECT client_id, secret_hash, grants, scopes, dpop_bound FROM clients WHERE client_id = %s"
+)
 
 
 class ClientDirectory:
@@ -292,7 +299,7 @@ class ClientDirectory:
 
 
 def _client(row: tuple[Any, ...]) -> Client:
-    return Client(row[0], row[1], tuple(row[2]), tuple(row[3]))
+    return Client(row[0], row[1], tuple(row[2]), tuple(row[3]), row[4])
 
 
 def secret_bits(secret: str) -> float:

@@ -286,10 +286,13 @@ class SessionService:
             raise InvalidGrant(_REFUSALS[_refusal(decision.outcome, state)])
         return self._grant(state, next_token, now, jkt)
 
-    def grant_client(self, client: Client, scope: str | None, info: RequestInfo) -> TokenGrant:
+    def grant_client(
+        self, client: Client, scope: str | None, info: RequestInfo, jkt: str | None = None
+    ) -> TokenGrant:
         """RFC 6749 §4.4: an access token for the (authenticated, confidential) client itself,
         holding the client scopes asked for (all of them by default), with no session and no
-        refresh token. The grant is a ClientCredentialsGranted event on the client's stream."""
+        refresh token, bound to the DPoP key `jkt` when the request proved one (RFC 9449 §5).
+        The grant is a ClientCredentialsGranted event on the client's stream."""
         granted = _granted_scope(client.scopes, scope, "this client")
         with self._transaction() as conn:
             state = load_principal(conn, client.client_id, for_update=True, table="client_lockouts")
@@ -311,9 +314,11 @@ class SessionService:
             scope=granted,
             now=now,
             expires_at=expires_at,
+            jkt=jkt,
         )
         seconds = int(self._policy.access_token_ttl / timedelta(seconds=1))
-        return TokenGrant(access, seconds, None, granted, seconds)
+        token_type = "Bearer" if jkt is None else "DPoP"
+        return TokenGrant(access, seconds, None, granted, seconds, token_type)
 
     # -- bearer calls ---------------------------------------------------------------------------
 

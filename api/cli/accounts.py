@@ -140,6 +140,14 @@ def clients_add(
             " feed); repeat for more.",
         ),
     ] = None,
+    require_dpop: Annotated[
+        bool,
+        typer.Option(
+            "--require-dpop",
+            help="Refuse the client's token requests without a DPoP proof, so that all its"
+            " tokens are bound to its key (RFC 9449 dpop_bound_access_tokens).",
+        ),
+    ] = False,
 ) -> None:
     """Create a client. A confidential one without --secret-stdin gets a generated secret,
     printed once. Grants default to password and refresh_token; client_credentials (a token for
@@ -152,9 +160,16 @@ def clients_add(
     elif generated:
         secret = secrets.token_urlsafe(32)
     with failures_exit_2(), _accounts(secret_key=confidential) as accounts:
-        accounts.add_client(client_id, secret, tuple(grant or DEFAULT_GRANTS), tuple(scope or ()))
+        accounts.add_client(
+            client_id,
+            secret,
+            tuple(grant or DEFAULT_GRANTS),
+            tuple(scope or ()),
+            dpop_bound=require_dpop,
+        )
     kind = "confidential" if confidential else "public"
-    typer.echo(f"{kind} client {client_id} created")
+    required = ", DPoP proofs required" if require_dpop else ""
+    typer.echo(f"{kind} client {client_id} created{required}")
     if generated:
         typer.echo(f"client secret (shown once, store it now): {secret}")
 

@@ -26,7 +26,7 @@ from api.http.errors import (
     error_response,
 )
 from api.http.forms import json_text, read_json, required_json_text
-from api.http.proofs import nonced, request_proof
+from api.http.proofs import nonced, request_proof, token_request_proof
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 
@@ -75,7 +75,7 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     scope = json_text(body, "scope")
     client = await _public_client(request, required_json_text(body, "client_id"), "password")
     # RFC 9449 §5, as at /oauth/token: a proof binds the session to its key.
-    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+    proof = await token_request_proof(request, client)
     jkt = None if proof is None else proof.jkt
     grant = await run_in_threadpool(service.login, username, password, client, scope, info, jkt)
     return _granted(request, grant, service)
@@ -90,7 +90,7 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
 async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
     body = await read_json(request)
     client = await _public_client(request, required_json_text(body, "client_id"), "refresh_token")
-    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+    proof = await token_request_proof(request, client)
     try:
         token = await _refresh_cookie(request, service, info)
         if not token:

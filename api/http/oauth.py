@@ -15,7 +15,7 @@ from api.http import openapi as oas
 from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
 from api.http.forms import read_form, required
-from api.http.proofs import nonced, request_proof
+from api.http.proofs import nonced, request_proof, token_request_proof
 from api.sessions import TokenGrant
 from api.signals import Signals
 
@@ -31,8 +31,8 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     client = await authenticated_client(request, form, info)
     if grant_type not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant_type} grant")
-    # RFC 9449 §5: a proof binds the session, or must match its key.
-    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+    # RFC 9449 §5: a proof binds the session (or the client's own token), or must match its key.
+    proof = await token_request_proof(request, client)
     jkt = None if proof is None else proof.jkt
     if grant_type == "password":
         username, password = required(form, "username"), required(form, "password")
@@ -41,7 +41,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
         )
     elif grant_type == CLIENT_CREDENTIALS:
         # RFC 6749 §4.4.2: only a confidential client, which add_client ensures of this grant.
-        grant = await run_in_threadpool(service.grant_client, client, form.get("scope"), info)
+        grant = await run_in_threadpool(service.grant_client, client, form.get("scope"), info, jkt)
     else:
         if "scope" in form:
             raise InvalidRequest("a refresh keeps the session's scope; omit scope")

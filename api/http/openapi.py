@@ -104,7 +104,7 @@ _CLIENT_FIELDS: Schema = {
     "client_secret": {**_STRING, "description": "client_secret_post (or use HTTP Basic)"},
 }
 _TOKEN_FIELDS: Schema = {
-    "grant_type": {"type": "string", "enum": ["password", "refresh_token"]},
+    "grant_type": {"type": "string", "enum": ["password", "refresh_token", "client_credentials"]},
     "username": {**_NON_EMPTY, "description": "grant_type=password"},
     "password": {**_NON_EMPTY, "description": "grant_type=password"},
     "scope": {**_STRING, "description": "grant_type=password; space-separated"},
@@ -125,7 +125,7 @@ def _browser_body(properties: Schema, required: list[str]) -> Schema:
     body = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
     origin = {"name": "Origin", "in": "header", "required": True, "schema": {"type": "string"}}
     requested = {"name": "X-Requested-With", "in": "header", "required": True, "schema": _NON_EMPTY}
-    return {**body, "parameters": [origin, requested]}
+    return {**body, "parameters": [origin, requested, _DPOP_PROOF]}
 
 
 _DPOP_PROOF = {
@@ -136,7 +136,7 @@ _DPOP_PROOF = {
     "schema": {"type": "string"},
 }
 TOKEN_REQUEST = {**_form(_TOKEN_FIELDS, ["grant_type"]), "parameters": [_DPOP_PROOF]}
-REVOKE_REQUEST = _form(_REVOKE_FIELDS, ["token"])
+REVOKE_REQUEST = {**_form(_REVOKE_FIELDS, ["token"]), "parameters": [_DPOP_PROOF]}
 INTROSPECT_REQUEST = _form(_REVOKE_FIELDS, ["token"])
 BROWSER_LOGIN_REQUEST = _browser_body(
     {"client_id": _NON_EMPTY, "username": _NON_EMPTY, "password": _NON_EMPTY, "scope": _NON_EMPTY},
@@ -149,8 +149,9 @@ BEARER = {
             "name": "Authorization",
             "in": "header",
             "required": True,
-            "description": "Bearer <access token> (RFC 6750 §2.1)",
-            "schema": {"type": "string", "pattern": "^Bearer [A-Za-z0-9._~+/-]+=*$"},
+            "description": "Bearer <access token> (RFC 6750 §2.1), or DPoP <bound access token>"
+            " with a DPoP proof header (RFC 9449 §7.1)",
+            "schema": {"type": "string", "pattern": "^(Bearer|DPoP) [A-Za-z0-9._~+/-]+=*$"},
         }
     ]
 }
@@ -172,7 +173,7 @@ FEED_READER = {
 
 _TOKEN_BODY = {
     "access_token": {"type": "string"},
-    "token_type": {"type": "string", "enum": ["Bearer"]},
+    "token_type": {"type": "string", "enum": ["Bearer", "DPoP"]},
     "expires_in": {"type": "integer"},
     "scope": {"type": "string"},
 }
@@ -199,10 +200,14 @@ INTROSPECT_RESPONSES: dict[int | str, Schema] = {
         _object(
             {
                 "active": {"type": "boolean"},
-                "token_type": {"type": "string", "enum": ["access_token", "refresh_token"]},
+                "token_type": {
+                    "type": "string",
+                    "enum": ["access_token", "refresh_token", "DPoP"],
+                },
                 "exp": {"type": "integer"},
                 "iat": {"type": "integer"},
                 **{claim: {"type": "string"} for claim in _CLAIMS},
+                "cnf": _object({"jkt": {"type": "string"}}, ["jkt"]),  # RFC 9449 §6.2
             },
             ["active"],
         ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from api.accounts import Client
 from api.dpop import DEFAULT_SKEW, Nonces, Proof, check_proof
 from api.dpop_replay import ProofReplay
 from api.errors import InvalidDpopProof
@@ -39,6 +40,16 @@ async def request_proof(
     replay: ProofReplay = request.app.state.proof_replay
     if not await replay.first_use(proof):  # §11.1
         raise InvalidDpopProof("this DPoP proof was presented before (its jti is used)")
+    return proof
+
+
+async def token_request_proof(request: Request, client: Client) -> Proof | None:
+    """The proof of a request that issues tokens (/oauth/token, /browser/login and refresh),
+    with the server's nonce when nonces are on; a client registered with --require-dpop must
+    send one (RFC 9449 §5.2, dpop_bound_access_tokens)."""
+    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+    if proof is None and client.dpop_bound:
+        raise InvalidDpopProof("this client must send a DPoP proof with every token request")
     return proof
 
 

@@ -160,6 +160,18 @@ def test_confidential_client_gets_a_secret_printed_once(db_url: str, pool: Conne
     assert secret not in (client.secret_hash or "")
 
 
+def test_a_client_can_be_made_to_require_dpop(db_url: str, pool: ConnectionPool) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    result = run("clients", "add", "strict", "--require-dpop", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "DPoP proofs required" in result.stdout
+    assert run("clients", "add", "lax", env=env).returncode == 0
+    strict, lax = Accounts(pool).client("strict"), Accounts(pool).client("lax")
+    assert strict is not None
+    assert lax is not None
+    assert (strict.dpop_bound, lax.dpop_bound) == (True, False)
+
+
 def test_public_client_and_secret_from_stdin(db_url: str, pool: ConnectionPool) -> None:
     env = {"LEDGER_DATABASE_URL": db_url}
     assert run("clients", "add", "spa", env=env).returncode == 0

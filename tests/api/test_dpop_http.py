@@ -355,3 +355,43 @@ def test_refused_proofs_are_alerts_for_the_auditors(live: LiveServer, pool: Conn
         "jkt": thief.jkt,
         "user_agent": "thief/1.0",
     }
+
+
+def test_a_client_that_requires_dpop_gets_no_token_without_a_proof(live: LiveServer) -> None:
+    live.accounts.add_client("strict", None, ("password", "refresh_token"), dpop_bound=True)
+    form = {"grant_type": "password", "client_id": "strict", "username": "ada"}
+    form["password"] = PASSWORD
+    refused = live.post("/oauth/token", data=form)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_dpop_proof"
+    assert "must send a DPoP proof" in refused.json()["error_description"]
+    browser = _browser(live, "/browser/login", {**form, "client_id": "strict"}, None, None)
+    assert browser.json()["error"] == "invalid_dpop_proof"
+    assert "SessionStarted" not in live.types()
+    key = DpopKey(live.clock, ISSUER)
+    granted = live.post(
+        "/oauth/token", data=form, headers={"DPoP": key.proof("POST", "/oauth/token")}
+    )
+    assert granted.status_code == 200, granted.text
+    assert granted.json()["token_type"] == "DPoP"
+
+
+def test_a_client_credentials_request_with_a_proof_gets_a_bound_token(live: LiveServer) -> None:
+    live.accounts.add_client("worker", SECRET, ("client_credentials",))
+    key = DpopKey(live.clock, ISSUER)
+    form = {"grant_type": "client_credentials"}
+    bearer = live.post("/oauth/token", data=form, auth=("worker", SECRET)).json()
+    assert bearer["token_type"] == "Bearer"
+    bound = live.post(
+        "/oauth/token",
+        data=form,
+        auth=("worker", SECRET),
+        headers={"DPoP": key.proof("POST", "/oauth/token")},
+    ).json()
+    assert bound["token_type"] == "DPoP"
+    claims = jwt.decode(bound["access_token"], options={"verify_signature": False})
+    assert claims["cnf"] == {"jkt": key.jkt}
+    introspected = live.post(
+        "/oauth/introspect", data={"token": bound["access_token"]}, auth=("backend", SECRET)
+    ).json()
+    assert (introspected["token_type"], introspected["cnf"]) == ("DPoP", {"jkt": key.jkt})
