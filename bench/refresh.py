@@ -5,7 +5,10 @@
 Without --url (or LEDGER_DATABASE_URL) it starts an embedded PostgreSQL in a temporary directory.
 The API runs as `session-ledger serve --workers 2` in a subprocess on one fresh database; each
 client is one keep-alive connection with its own session, sending every response's rotated
-refresh token in its next request. The baselines: a refresh's writes run by pgbench on the same
+refresh token in its next request. The DPoP line does the same with sessions bound to each
+client's ES256 key (RFC 9449), every refresh with a fresh proof; the proofs are signed before
+the measured window, so that the load generator's signing does not take the server's cores.
+The baselines: a refresh's writes run by pgbench on the same
 server (PostgreSQL 16's, shipped with pgserver; a psycopg loop where none is found), and the
 framework floor, a trivial FastAPI endpoint under the same uvicorn settings. The combined floor,
 1/(1/raw + 1/floor), is what one refresh doing both on the same cores would allow. Every figure
@@ -37,8 +40,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
+import jwt
 import psycopg
 from argon2 import PasswordHasher
+from cryptography.hazmat.primitives.asymmetric import ec
 from pgserver._commands import POSTGRES_BIN_PATH
 from psycopg_pool import ConnectionPool
 
@@ -62,7 +67,9 @@ SERVER_ENV = {
     "LEDGER_ABSOLUTE_TIMEOUT": "1d",
     # Every set-up login and the login figure come from one address: no per-address limit.
     "LEDGER_ADDRESS_LOGIN_LIMIT": "1000000",
+    "LEDGER_ISSUER": "https://ledger.bench",  # what DPoP proofs name in htu
 }
+TOKEN_URI = "https://ledger.bench/oauth/token"
 # Argon2 verification costs what the stored hash says: set-up logins use this cheap one.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -93,6 +100,7 @@ class Result:
     errors: Counter[str] = field(default_factory=Counter)
     client_cpu: float | None = None  # share of one core the load generator used
     worker_cpu: list[float] = field(default_factory=list)  # each server worker's, busiest first
+    late_proofs: int = 0  # DPoP proofs the load generator signed inside the run
 
     def line(self, baseline: Result | None = None) -> str:
         base = baseline.figure if baseline and baseline.figure.rate > 0 else None
@@ -101,6 +109,8 @@ class Result:
             text += f"   CPU: client {self.client_cpu:.0%}"
         if self.worker_cpu:
             text += ", workers " + " + ".join(f"{share:.0%}" for share in self.worker_cpu)
+        if self.late_proofs:
+            text += f"   ({self.late_proofs} proofs signed during the run)"
         return text
 
 
@@ -200,8 +210,8 @@ class Connection:
             self._streams = await asyncio.open_connection("127.0.0.1", self.port)
         return self._streams
 
-    async def post(self, path: str, form: str) -> tuple[int, bytes]:
-        headers = "Content-Type: application/x-www-form-urlencoded\r\n"
+    async def post(self, path: str, form: str, headers: str = "") -> tuple[int, bytes]:
+        headers = f"Content-Type: application/x-www-form-urlencoded\r\n{headers}"
         return await self.request("POST", path, headers, form.encode())
 
     async def request(
@@ -247,32 +257,64 @@ def parse_head(head: bytes) -> tuple[int, int, bool]:
 Step = Callable[[Connection], Awaitable[tuple[int, bytes]]]
 
 
-async def login(conn: Connection, username: str) -> tuple[int, bytes]:
+async def login(conn: Connection, username: str, headers: str = "") -> tuple[int, bytes]:
     form = {"grant_type": "password", "client_id": CLIENT, "username": username}
-    return await conn.post("/oauth/token", urlencode({**form, "password": PASSWORD}))
+    return await conn.post("/oauth/token", urlencode({**form, "password": PASSWORD}), headers)
 
 
-async def _session(conn: Connection) -> str:
-    status, body = await login(conn, FAST_USER)
+async def _session(conn: Connection, signer: DpopSigner | None = None) -> str:
+    status, body = await login(conn, FAST_USER, _proof_header(signer))
     if status != 200:
         raise RuntimeError(f"set-up login failed with {status}: {body[:300]!r}")
     token: str = json.loads(body)["refresh_token"]
     return token
 
 
-class Refresher:
-    """One client: refreshes its session, always with the token the last response rotated to."""
+class DpopSigner:
+    """One client's ES256 DPoP key and `count` proofs for the token endpoint, signed up front;
+    once they are used up, each proof is signed when it is needed (counted in `late`)."""
 
-    def __init__(self, token: str) -> None:
-        self.token = token
+    def __init__(self, count: int) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._jwk = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(self._key.public_key()))
+        self._ready = [self._sign() for _ in range(count)]
+        self.late = 0
+
+    def proof(self) -> str:
+        if self._ready:
+            return self._ready.pop()
+        self.late += 1
+        return self._sign()
+
+    def _sign(self) -> str:
+        claims = {
+            "jti": uuid.uuid4().hex,
+            "htm": "POST",
+            "htu": TOKEN_URI,
+            "iat": int(time.time()),
+        }
+        headers = {"typ": "dpop+jwt", "jwk": self._jwk}
+        return jwt.encode(claims, self._key, algorithm="ES256", headers=headers)
+
+
+def _proof_header(signer: DpopSigner | None) -> str:
+    return "" if signer is None else f"DPoP: {signer.proof()}\r\n"
+
+
+class Refresher:
+    """One client: refreshes its session, always with the token the last response rotated to;
+    with a `signer`, the session is bound to its key and each refresh carries a proof."""
+
+    def __init__(self, token: str, signer: DpopSigner | None = None) -> None:
+        self.token, self.signer = token, signer
 
     async def __call__(self, conn: Connection) -> tuple[int, bytes]:
         form = f"grant_type=refresh_token&client_id={CLIENT}&refresh_token={self.token}"
-        status, body = await conn.post("/oauth/token", form)
+        status, body = await conn.post("/oauth/token", form, _proof_header(self.signer))
         if status == 200:
             self.token = json.loads(body)["refresh_token"]
         else:  # the chain is broken: carry on with a new session
-            self.token = await _session(conn)
+            self.token = await _session(conn, self.signer)
         return status, body
 
 
@@ -334,16 +376,26 @@ def connections(server: Server, count: int) -> Iterator[list[Connection]]:
             conn.close()
 
 
-async def _refresh_load(server: Server, clients: int, name: str, seconds: float) -> Result:
+async def _refresh_load(
+    server: Server, clients: int, name: str, seconds: float, proofs: int | None
+) -> Result:
     with connections(server, clients) as conns:
+        signers = [None if proofs is None else DpopSigner(proofs) for _ in conns]
         # One client at a time: a burst of connections tends to be accepted by a single worker.
-        steps = [Refresher(await _session(conn)) for conn in conns]
-        return await _drive(server, conns, steps, name, seconds)
+        pairs = zip(conns, signers, strict=True)
+        steps = [Refresher(await _session(conn, signer), signer) for conn, signer in pairs]
+        result = await _drive(server, conns, steps, name, seconds)
+    result.late_proofs = sum(s.late for s in signers if s is not None)
+    return result
 
 
-def bench_refresh(server: Server, clients: int, seconds: float, what: str) -> Result:
+def bench_refresh(
+    server: Server, clients: int, seconds: float, what: str, proofs: int | None = None
+) -> Result:
+    """Refreshes by `clients` clients; with `proofs`, DPoP-bound, each client holding that many
+    proofs signed before the run."""
     name = f"{what}, {clients} clients"
-    return asyncio.run(_refresh_load(server, clients, name, seconds))
+    return asyncio.run(_refresh_load(server, clients, name, seconds, proofs))
 
 
 async def _login_load(server: Server, seconds: float) -> Result:
@@ -546,7 +598,13 @@ def progress(text: str) -> None:
 def run(
     url: str, levels: list[int], seconds: float, logs: Path, serve: Path | None = None
 ) -> dict[str, list[Result]]:
-    results: dict[str, list[Result]] = {"raw": [], "refresh": [], "trivial": [], "login": []}
+    results: dict[str, list[Result]] = {
+        "raw": [],
+        "refresh": [],
+        "dpop": [],
+        "trivial": [],
+        "login": [],
+    }
     executable = pgbench()
     for level in levels:
         progress(f"raw PostgreSQL baseline, {level} clients")
@@ -559,7 +617,12 @@ def run(
     with serving(api_command(serve), env, logs / "api.log") as api:
         for level in levels:
             progress(f"refresh, {level} clients")
-            results["refresh"].append(bench_refresh(api, level, seconds, "refresh via HTTP"))
+            plain = bench_refresh(api, level, seconds, "refresh via HTTP")
+            results["refresh"].append(plain)
+            # Enough proofs for the plain rate and a margin: DPoP should be no faster.
+            proofs = int(plain.figure.rate * (WARMUP + seconds) * 1.5 / level) + 20
+            progress(f"DPoP refresh, {level} clients ({proofs} proofs each signed first)")
+            results["dpop"].append(bench_refresh(api, level, seconds, "DPoP refresh", proofs))
         progress("login")
         results["login"].append(bench_login(api, seconds))
     with serving(_trivial_command(), dict(os.environ), logs / "trivial.log") as trivial:
@@ -575,6 +638,7 @@ def report(results: dict[str, list[Result]], levels: list[int]) -> None:
         print(raw.line())
         print(trivial.line())
         print(ours.line(raw))
+        print(results["dpop"][n].line(ours))  # its baseline: the plain refresh
     print(results["login"][0].line())
     errors = sum((r.errors for rs in results.values() for r in rs), Counter[str]())
     for text, count in errors.most_common(10):
@@ -607,6 +671,10 @@ def verdict(results: dict[str, list[Result]], levels: list[int]) -> list[str]:
         )
         slowest = p99(ours[n].figure.latencies)
         lines.append(target(slowest < 0.025, f"p99 < 25 ms at 16 clients: {slowest * 1000:.1f} ms"))
+        dpop = results["dpop"][n].figure.rate
+        cost = ours[n].figure.rate / dpop - 1 if dpop else float("inf")
+        text = f"a DPoP refresh costs < 25% over a plain one at 16 clients: {cost:+.0%}"
+        lines.append(target(cost < 0.25, text))
     else:
         lines.append("not measured: the targets at 16 clients (16 is not in --levels)")
     if 64 in levels:
