@@ -14,16 +14,19 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
-from psycopg import sql
-from psycopg_pool import ConnectionPool
+from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.dpop import Proof
 from ledger.clock import require_aware
-from ledger.db import AsyncLedgerPool, translated_errors
+from ledger.db import translated_errors
 from ledger.periodic import Periodic
 
 PARTITIONS = 4
+REPLAYED = "this DPoP proof was presented before (its jti is used)"
 _INSERT = (
     "INSERT INTO dpop_proofs (part, slot, jkt, jti) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT DO NOTHING RETURNING true"
@@ -35,7 +38,9 @@ _log = logging.getLogger("session_ledger.dpop")
 class ProofReplay:
     """`first_use` for each proof a request presents; `prune` to keep storage bounded."""
 
-    def __init__(self, apool: AsyncLedgerPool, pool: ConnectionPool, slot: timedelta) -> None:
+    def __init__(
+        self, apool: AsyncConnectionPool[Any], pool: ConnectionPool, slot: timedelta
+    ) -> None:
         self._apool, self._pool = apool, pool
         self._slot = slot.total_seconds()
 
@@ -46,12 +51,20 @@ class ProofReplay:
     async def first_use(self, proof: Proof) -> bool:
         """True the first time the proof's key and jti are presented in its slot, across every
         worker; False for a replay."""
-        slot = self.slot_of(proof.issued_at)
-        params = (slot % PARTITIONS, slot, proof.jkt, proof.jti)
         with translated_errors():
             async with self._apool.connection() as conn:
-                taken = await (await conn.execute(_INSERT, params)).fetchone()
+                taken = await (await self.queue_first_use(conn, proof)).fetchone()
         return taken is not None
+
+    async def queue_first_use(
+        self, conn: AsyncConnection[TupleRow], proof: Proof
+    ) -> AsyncCursor[TupleRow]:
+        """first_use in `conn`'s transaction, queued when it is pipelined: the cursor's row is
+        there the first time. A refresh takes its proof so, with its row lock and in the same
+        commit; rolled back, the proof stays unused (a retry may present it again)."""
+        slot = self.slot_of(proof.issued_at)
+        params = (slot % PARTITIONS, slot, proof.jkt, proof.jti)
+        return await conn.execute(_INSERT, params, prepare=True)
 
     def prune(self, now: datetime) -> bool:
         """Empty the partition whose proofs are two slots old or older; whether it held any."""

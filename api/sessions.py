@@ -17,6 +17,8 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.accounts import Accounts, Client, ClientDirectory, normal_name
+from api.dpop import DEFAULT_SKEW, Proof
+from api.dpop_replay import REPLAYED, ProofReplay
 from api.errors import (
     DpopBindingRefused,
     InvalidDpopProof,
@@ -157,6 +159,7 @@ class SessionService:
         self._refresh_secret = load_server_secret(pool, sealer, clock())
         self._keyring = load_keyring(pool, sealer, clock())
         self._throttle = AddressThrottle(pool, settings.address_logins)
+        self.proof_replay = ProofReplay(apool, pool, slot=settings.dpop_window + DEFAULT_SKEW)
 
     @property
     def policy(self) -> session.Policy:
@@ -228,13 +231,14 @@ class SessionService:
         return self._grant(state_after, token, now, jkt)
 
     async def refresh(
-        self, token: str, client: Client, info: RequestInfo, jkt: str | None = None
+        self, token: str, client: Client, info: RequestInfo, proof: Proof | None = None
     ) -> TokenGrant:
-        """Rotate the refresh token. `jkt` is the key of the request's DPoP proof: a session
-        bound to a key is refreshed only with that key's proof (RFC 9449 §5); any other try is
-        refused and recorded (DpopProofRefused)."""
+        """Rotate the refresh token. `proof` is the request's DPoP proof, checked but not yet
+        taken: the refresh takes its jti (RFC 9449 §11.1) in its own transaction. A session bound
+        to a key is refreshed only with that key's proof (§5); any other try is refused and
+        recorded (DpopProofRefused)."""
         session_id, generation = self._parse_refresh(token)
-        return await _retried(lambda: self._refresh(session_id, generation, client, info, jkt))
+        return await _retried(lambda: self._refresh(session_id, generation, client, info, proof))
 
     async def _refresh(
         self,
@@ -242,13 +246,22 @@ class SessionService:
         generation: int,
         client: Client,
         info: RequestInfo,
-        jkt: str | None,
+        proof: Proof | None,
     ) -> TokenGrant:
         # The successor; a retry in grace gets it again, as the presented token's successor is
         # then the session's current token (tokens are a MAC of session id and generation).
         next_token = refresh_token(self._refresh_secret, session_id, generation + 1)
+        jkt = None if proof is None else proof.jkt
         async with pipelined(self._apool) as tx:
+            # The proof's jti first, in the same round trip as the row lock and the same commit
+            # as the rotation. Taken before any row lock, it cannot join a deadlock: a second
+            # use of one proof waits for the first's commit holding nothing.
+            used = (
+                None if proof is None else await self.proof_replay.queue_first_use(tx.conn, proof)
+            )
             state, holder = await lock_session_with_holder_async(tx.conn, session_id)
+            if used is not None and await used.fetchone() is None:
+                raise InvalidDpopProof(REPLAYED)
             if state is None or state.client_id != client.client_id:
                 raise InvalidGrant("the refresh token is not valid")
             now = self._now(state)

@@ -14,8 +14,8 @@ from psycopg_pool import ConnectionPool
 from api.accounts import PRODUCTION_HASHER, Accounts, ClientDirectory
 from api.changes import ChangeFollower, OnChange
 from api.clients import ClientAuthentication
-from api.dpop import DEFAULT_SKEW, Nonces
-from api.dpop_replay import ProofPruner, ProofReplay
+from api.dpop import Nonces
+from api.dpop_replay import ProofPruner
 from api.feed import SessionEndHub
 from api.http import audit, edge, errors, feeds, metrics, oauth, openapi, sessions, signals
 from api.http.browser import router as browser_router
@@ -115,10 +115,7 @@ def create_app(
                     load_server_secret, pool, sealer, now(), DPOP_NONCE_KEY_NAME
                 )
                 app.state.dpop_nonces = Nonces(nonce_key)
-            app.state.proof_replay = ProofReplay(
-                apool, pool, slot=settings.dpop_window + DEFAULT_SKEW
-            )
-            pruner = ProofPruner(app.state.proof_replay, now, PRUNE_SECONDS).start()
+            pruner = ProofPruner(app.state.service.proof_replay, now, PRUNE_SECONDS).start()
             pusher = Pusher(
                 app.state.signals,
                 database_url,

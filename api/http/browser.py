@@ -26,7 +26,7 @@ from api.http.errors import (
     error_response,
 )
 from api.http.forms import json_text, read_json, required_json_text
-from api.http.proofs import nonced, request_proof, token_request_proof
+from api.http.proofs import nonced, request_proof, taken_once, token_request_proof
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 
@@ -75,7 +75,8 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     scope = json_text(body, "scope")
     client = await _public_client(request, required_json_text(body, "client_id"), "password")
     # RFC 9449 §5, as at /oauth/token: a proof binds the session to its key.
-    proof = await token_request_proof(request, client)
+    proof = token_request_proof(request, client)
+    await taken_once(request, proof)
     jkt = None if proof is None else proof.jkt
     grant = await run_in_threadpool(service.login, username, password, client, scope, info, jkt)
     return _granted(request, grant, service)
@@ -90,14 +91,14 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
 async def refresh(request: Request, service: Service, info: Info) -> JSONResponse:
     body = await read_json(request)
     client = await _public_client(request, required_json_text(body, "client_id"), "refresh_token")
-    proof = await token_request_proof(request, client)
+    proof = token_request_proof(request, client)  # taken by the refresh's transaction
     try:
         token = await _refresh_cookie(request, service, info)
         if not token:
             raise InvalidGrant("there is no browser session: the refresh cookie is missing")
         # A bound session's cookie is worth nothing without its key's proof: a refusal for
         # that is recorded and keeps the cookie, which its owner can go on using.
-        grant = await service.refresh(token, client, info, None if proof is None else proof.jkt)
+        grant = await service.refresh(token, client, info, proof)
     except (InvalidGrant, InvalidRequest) as e:
         refused = error_response(e)
         _clear_cookie(refused)  # the cookie is worthless now; keep no copy in the browser

@@ -15,7 +15,7 @@ from api.http import openapi as oas
 from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
 from api.http.forms import read_form, required
-from api.http.proofs import nonced, request_proof, token_request_proof
+from api.http.proofs import nonced, request_proof, taken_once, token_request_proof
 from api.sessions import TokenGrant
 from api.signals import Signals
 
@@ -32,7 +32,9 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
     if grant_type not in client.grants:
         raise UnauthorizedClient(f"this client may not use the {grant_type} grant")
     # RFC 9449 §5: a proof binds the session (or the client's own token), or must match its key.
-    proof = await token_request_proof(request, client)
+    proof = token_request_proof(request, client)
+    if grant_type != "refresh_token":  # a refresh takes its proof in its own transaction
+        await taken_once(request, proof)
     jkt = None if proof is None else proof.jkt
     if grant_type == "password":
         username, password = required(form, "username"), required(form, "password")
@@ -46,7 +48,7 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
         if "scope" in form:
             raise InvalidRequest("a refresh keeps the session's scope; omit scope")
         refresh_token = required(form, "refresh_token")
-        grant = await service.refresh(refresh_token, client, info, jkt)
+        grant = await service.refresh(refresh_token, client, info, proof)
     return JSONResponse(_token_body(grant), headers=nonced(request, NO_STORE))
 
 

@@ -1,6 +1,7 @@
 """DPoP (RFC 9449) at the HTTP edge: the proof a request carries in its `DPoP` header, checked by
 api.dpop and taken once across every worker (api.dpop_replay), and the access token of a
-request's `Authorization` header, `Bearer` or `DPoP`."""
+request's `Authorization` header, `Bearer` or `DPoP`. A refresh takes its proof in its own
+transaction (SessionService.refresh); every other request here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi import Request
 
 from api.accounts import Client
 from api.dpop import DEFAULT_SKEW, Nonces, Proof, check_proof
-from api.dpop_replay import ProofReplay
+from api.dpop_replay import REPLAYED, ProofReplay
 from api.errors import InvalidDpopProof
 from api.http.errors import ResourceProofRefused
 from api.settings import Settings
@@ -17,16 +18,26 @@ from api.settings import Settings
 async def request_proof(
     request: Request, access_token: str | None = None, nonces: Nonces | None = None
 ) -> Proof | None:
-    """The request's DPoP proof, if it has one; InvalidDpopProof when it fails a check of §4.3
-    or was presented before. With `access_token` (a resource request) its `ath` must match;
-    with `nonces`, its nonce must be current (UseDpopNonce otherwise)."""
+    """The request's DPoP proof, if it has one, checked (`checked_proof`) and taken once; else
+    InvalidDpopProof."""
+    proof = checked_proof(request, access_token, nonces)
+    await taken_once(request, proof)
+    return proof
+
+
+def checked_proof(
+    request: Request, access_token: str | None = None, nonces: Nonces | None = None
+) -> Proof | None:
+    """The request's DPoP proof, if it has one; InvalidDpopProof when it fails a check of §4.3.
+    With `access_token` (a resource request) its `ath` must match; with `nonces`, its nonce must
+    be current (UseDpopNonce otherwise). Its jti is not taken yet: see `taken_once`."""
     values = request.headers.getlist("dpop")
     if not values:
         return None
     if len(values) > 1:  # §4.3 point 1
         raise InvalidDpopProof("a request carries at most one DPoP header")
     settings: Settings = request.app.state.settings
-    proof = check_proof(
+    return check_proof(
         values[0],
         method=request.method,
         uri=settings.issuer.rstrip("/") + request.url.path,
@@ -37,17 +48,21 @@ async def request_proof(
         access_token=access_token,
         nonces=nonces,
     )
-    replay: ProofReplay = request.app.state.proof_replay
-    if not await replay.first_use(proof):  # §11.1
-        raise InvalidDpopProof("this DPoP proof was presented before (its jti is used)")
-    return proof
 
 
-async def token_request_proof(request: Request, client: Client) -> Proof | None:
-    """The proof of a request that issues tokens (/oauth/token, /browser/login and refresh),
-    with the server's nonce when nonces are on; a client registered with --require-dpop must
-    send one (RFC 9449 §5.2, dpop_bound_access_tokens)."""
-    proof = await request_proof(request, nonces=request.app.state.dpop_nonces)
+async def taken_once(request: Request, proof: Proof | None) -> None:
+    """Take the proof's jti across every worker (§11.1); InvalidDpopProof when it was taken."""
+    replay: ProofReplay = request.app.state.service.proof_replay
+    if proof is not None and not await replay.first_use(proof):
+        raise InvalidDpopProof(REPLAYED)
+
+
+def token_request_proof(request: Request, client: Client) -> Proof | None:
+    """The checked proof of a request that issues tokens (/oauth/token, /browser/login and
+    refresh), with the server's nonce when nonces are on; a client registered with
+    --require-dpop must send one (RFC 9449 §5.2, dpop_bound_access_tokens). Not yet taken: the
+    caller takes it, with `taken_once` or within SessionService.refresh."""
+    proof = checked_proof(request, nonces=request.app.state.dpop_nonces)
     if proof is None and client.dpop_bound:
         raise InvalidDpopProof("this client must send a DPoP proof with every token request")
     return proof

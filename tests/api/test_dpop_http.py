@@ -151,6 +151,46 @@ def test_the_same_proof_at_two_workers_at_once_is_taken_by_one(
     assert sorted(statuses) == [200, 400, 400, 400]
 
 
+def test_one_refresh_proof_at_two_workers_at_once_rotates_once(
+    live: LiveServer, live_factory: Callable[..., LiveServer]
+) -> None:
+    """A refresh takes its proof in its own transaction, before the session's row lock: the
+    copies wait for the first's commit, then find the proof used; none deadlocks, none is
+    mistaken for refresh-token reuse."""
+    other = live_factory()
+    key = DpopKey(live.clock, ISSUER)
+    token = _bound_login(live, key)["refresh_token"]
+    proof = key.proof("POST", "/oauth/token")
+    answers: list[requests.Response] = []
+    barrier = threading.Barrier(4)
+
+    def send(server: LiveServer) -> None:
+        barrier.wait(10)
+        answers.append(_refresh(server, token, proof))
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in (live, other, live, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(a.status_code for a in answers) == [200, 400, 400, 400]
+    refused = [a.json()["error_description"] for a in answers if a.status_code == 400]
+    assert all("presented before" in text for text in refused), refused
+    assert live.types().count("RefreshTokenRotated") == 1
+    assert "RefreshTokenReuseDetected" not in live.types()
+
+
+def test_a_refresh_refused_before_it_rotates_leaves_its_proof_unused(live: LiveServer) -> None:
+    live.accounts.add_client("other-spa", None, ("password", "refresh_token"))
+    key = DpopKey(live.clock, ISSUER)
+    token = _bound_login(live, key)["refresh_token"]
+    proof = key.proof("POST", "/oauth/token")
+    form = {"grant_type": "refresh_token", "client_id": "other-spa", "refresh_token": token}
+    foreign = live.post("/oauth/token", data=form, headers={"DPoP": proof})
+    assert foreign.json()["error"] == "invalid_grant"  # refused in the refresh's transaction
+    assert _refresh(live, token, proof).status_code == 200
+
+
 @pytest.mark.parametrize(("method", "path"), [("GET", "/oauth/token"), ("POST", "/oauth/revoke")])
 def test_a_proof_for_another_method_or_uri_is_refused(
     live: LiveServer, method: str, path: str
