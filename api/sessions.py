@@ -268,14 +268,7 @@ class SessionService:
             # The user's current account decides too: a session never outlives its user, nor
             # keeps a scope the user no longer holds (an account change that could not end it).
             lost = lost_privilege(state, holder)
-            refused = session.decide_dpop(
-                state,
-                jkt,
-                ip=info.ip,
-                user_agent=info.user_agent,
-                now=now,
-                revoke=self._settings.dpop_mismatch_revokes,
-            )
+            refused = self._decide_dpop(state, jkt, info, now)
             if refused is not None:
                 decision = refused
             elif lost is not None:
@@ -292,7 +285,7 @@ class SessionService:
                 )
             state = await self._apply_async(tx, state, decision, info)
         if refused is not None:  # recorded before refusing
-            raise InvalidDpopProof(_DPOP_REFUSALS["missing" if jkt is None else "another_key"])
+            raise _dpop_refusal(jkt)
         if lost is not None and decision.outcome is Outcome.OK:
             raise InvalidGrant(_LOST_PRIVILEGE[lost])
         if not decision.is_granted:
@@ -445,19 +438,12 @@ class SessionService:
         def decide(state: SessionState, at: datetime) -> Decision:
             if state.ended_at is not None:  # nothing left to revoke, nor to guard
                 return session.decide_end(state, "logout", at, self._policy)
-            refused = session.decide_dpop(
-                state,
-                jkt,
-                ip=info.ip,
-                user_agent=info.user_agent,
-                now=at,
-                revoke=self._settings.dpop_mismatch_revokes,
-            )
+            refused = self._decide_dpop(state, jkt, info, at)
             return refused or session.decide_end(state, "logout", at, self._policy)
 
         decision = self._decide(session_id, info, decide)
         if decision is not None and decision.outcome is Outcome.DPOP_REFUSED:
-            raise InvalidDpopProof(_DPOP_REFUSALS["missing" if jkt is None else "another_key"])
+            raise _dpop_refusal(jkt)
 
     async def introspect(self, token: str, hint: str | None) -> dict[str, object]:
         """RFC 7662: the token's claims when it is active, else only `active: false`."""
@@ -520,6 +506,18 @@ class SessionService:
             issuer=self._settings.issuer,
             audience=self._settings.audience,
             now=now,
+        )
+
+    def _decide_dpop(
+        self, state: SessionState, jkt: str | None, info: RequestInfo, now: datetime
+    ) -> Decision | None:
+        return session.decide_dpop(
+            state,
+            jkt,
+            ip=info.ip,
+            user_agent=info.user_agent,
+            now=now,
+            revoke=self._settings.dpop_mismatch_revokes,
         )
 
     def _decide(
@@ -731,6 +729,11 @@ def _granted_scope(
     if beyond:
         raise InvalidScope(f"scope {' '.join(beyond)!r} is not granted to {holder}")
     return asked
+
+
+def _dpop_refusal(jkt: str | None) -> InvalidDpopProof:
+    """Why a bound session's refresh or revocation with the proof of key `jkt` was refused."""
+    return InvalidDpopProof(_DPOP_REFUSALS["missing" if jkt is None else "another_key"])
 
 
 def _check_binding(claims: AccessClaims, jkt: str | None) -> None:
