@@ -11,8 +11,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
 -- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs, sessions.jkt.
--- 10: clients.dpop_bound.
-INSERT INTO schema_version (version) VALUES (10) ON CONFLICT DO NOTHING;
+-- 10: clients.dpop_bound. 11: clients.redirect_uris.
+INSERT INTO schema_version (version) VALUES (11) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -104,6 +104,8 @@ CREATE TABLE IF NOT EXISTS clients (
 ALTER TABLE clients ADD COLUMN IF NOT EXISTS scopes text[] NOT NULL DEFAULT '{}';
 -- RFC 9449 §5.2's dpop_bound_access_tokens: every token request of the client needs a DPoP proof.
 ALTER TABLE clients ADD COLUMN IF NOT EXISTS dpop_bound boolean NOT NULL DEFAULT false;
+-- Where /oauth/authorize may send a user back with a code: exact strings (RFC 9700 §2.1).
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS redirect_uris text[] NOT NULL DEFAULT '{}';
 
 -- Access-token signing keys. private_key is PKCS#8 DER, sealed (AES-256-GCM under a key derived
 -- from LEDGER_KEY_ENCRYPTION_KEY) when `sealed`. A retired key stays for verification and the JWKS.

@@ -27,6 +27,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -35,11 +36,13 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from api.tokens import is_scope_token
 from ledger.db import translated_errors
 
-SUPPORTED_GRANTS = ("password", "refresh_token", "client_credentials")
-"""Grant types this server issues tokens for (RFC 6749 names)."""
-DEFAULT_GRANTS = ("password", "refresh_token")
-"""What `clients add` grants when no --grant is given."""
+AUTHORIZATION_CODE = "authorization_code"
 CLIENT_CREDENTIALS = "client_credentials"
+SUPPORTED_GRANTS = (AUTHORIZATION_CODE, "refresh_token", "password", CLIENT_CREDENTIALS)
+"""Grant types this server issues tokens for (RFC 6749 names)."""
+DEFAULT_GRANTS = (AUTHORIZATION_CODE, "refresh_token")
+"""What `clients add` grants when no --grant is given: not the password grant, which RFC 9700
+§2.4 says must not be used (the app sees the password)."""
 
 PRODUCTION_HASHER = PasswordHasher()
 """argon2id with argon2-cffi's defaults (RFC 9106's second recommended option)."""
@@ -58,6 +61,7 @@ _CHARACTER_CLASSES = (
 )
 _NAME = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 _MAX_SCOPE_CHARS = 64
+_MAX_REDIRECT_URI_CHARS = 2000
 
 
 class AccountError(ValueError):
@@ -87,6 +91,8 @@ class Client:
     """What the client itself may do (INTROSPECT_SCOPE), apart from its users' scopes."""
     dpop_bound: bool = False
     """Every token request needs a DPoP proof (RFC 9449 §5.2, dpop_bound_access_tokens)."""
+    redirect_uris: tuple[str, ...] = ()
+    """Where the authorization endpoint may send the user back (compared as exact strings)."""
 
     @property
     def is_confidential(self) -> bool:
@@ -160,8 +166,13 @@ class Accounts:
         scopes: tuple[str, ...] = (),
         *,
         dpop_bound: bool = False,
+        redirect_uris: tuple[str, ...] = (),
     ) -> Client:
         _check_name(client_id, "client id")
+        for uri in redirect_uris:
+            _check_redirect_uri(uri)
+        if AUTHORIZATION_CODE in grants and not redirect_uris:
+            raise AccountError(f"the {AUTHORIZATION_CODE} grant needs at least one --redirect-uri")
         unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
         if unknown or not grants:
             raise AccountError(
@@ -179,11 +190,12 @@ class Accounts:
         secret_hash = None if secret is None else self.secret_hash(secret)
         granted = self.checked_scopes(scopes)
         grants = tuple(dict.fromkeys(grants))
-        client = Client(client_id, secret_hash, grants, granted, dpop_bound)
+        uris = tuple(dict.fromkeys(redirect_uris))
+        client = Client(client_id, secret_hash, grants, granted, dpop_bound, uris)
         self._insert(
-            "INSERT INTO clients (client_id, secret_hash, grants, scopes, dpop_bound)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (client_id, secret_hash, list(grants), list(granted), dpop_bound),
+            "INSERT INTO clients (client_id, secret_hash, grants, scopes, dpop_bound,"
+            " redirect_uris) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (client_id, secret_hash, list(grants), list(granted), dpop_bound, list(uris)),
             f"client {client_id!r} already exists",
         )
         return client
@@ -246,6 +258,23 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             return False
 
+    def widen_client(
+        self, client_id: str, grants: tuple[str, ...], redirect_uris: tuple[str, ...]
+    ) -> None:
+        """Let an existing public or confidential client use `grants` and `redirect_uris` too
+        (what it had stays); `serve --demo` brings its client up to date so."""
+        for uri in redirect_uris:
+            _check_redirect_uri(uri)
+        if unknown := [g for g in grants if g not in SUPPORTED_GRANTS]:
+            raise AccountError(f"grants must be some of {', '.join(SUPPORTED_GRANTS)}: {unknown}")
+        with translated_errors(), self.pool.connection() as conn:
+            conn.execute(
+                "UPDATE clients SET grants = ARRAY(SELECT DISTINCT unnest(grants || %s::text[])),"
+                " redirect_uris = ARRAY(SELECT DISTINCT unnest(redirect_uris || %s::text[]))"
+                " WHERE client_id = %s",
+                (list(grants), list(redirect_uris), client_id),
+            )
+
     def _insert(self, query: str, params: tuple[object, ...], exists: str) -> None:
         with translated_errors(), self.pool.connection() as conn:
             if conn.execute(query, params).rowcount == 0:
@@ -258,7 +287,8 @@ _USER = (
     ' WHERE name_key = %s AND lower(name COLLATE "C") = %s'
 )
 _CLIENT = (
-    "SELECT client_id, secret_hash, grants, scopes, dpop_bound FROM clients WHERE client_id = %s"
+    "SELECT client_id, secret_hash, grants, scopes, dpop_bound, redirect_uris FROM clients"
+    " WHERE client_id = %s"
 )
 
 
@@ -299,7 +329,7 @@ class ClientDirectory:
 
 
 def _client(row: tuple[Any, ...]) -> Client:
-    return Client(row[0], row[1], tuple(row[2]), tuple(row[3]), row[4])
+    return Client(row[0], row[1], tuple(row[2]), tuple(row[3]), row[4], tuple(row[5]))
 
 
 def secret_bits(secret: str) -> float:
@@ -338,6 +368,25 @@ _LOOK_ALIKES = str.maketrans({"i": "l", "1": "l", "0": "o", "m": "rn"})
 def is_account_name(name: str) -> bool:
     """Whether `name` could be a user name or client id (see _check_name)."""
     return _NAME.fullmatch(name) is not None
+
+
+def _check_redirect_uri(uri: str) -> None:
+    """RFC 6749 §3.1.2 and RFC 9700 §2.1: absolute, no fragment; https, or http on a loopback
+    address (RFC 8252 §7.3) for native apps and development."""
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname
+    except ValueError:
+        raise AccountError(f"redirect URI {uri!r} is not a URI") from None
+    if not parts.scheme or not host or len(uri) > _MAX_REDIRECT_URI_CHARS:
+        raise AccountError(f"redirect URI {uri!r} must be an absolute URI with a host")
+    if "#" in uri:
+        raise AccountError(f"redirect URI {uri!r} must not have a fragment (RFC 6749 §3.1.2)")
+    loopback = host in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise AccountError(f"redirect URI {uri!r} must use https (http only on loopback)")
+    if any(c.isspace() or ord(c) < 0x21 for c in uri):
+        raise AccountError(f"redirect URI {uri!r} must not hold spaces or control characters")
 
 
 def _check_name(name: str, what: str) -> None:

@@ -28,6 +28,8 @@ CLIENT_SECRET_KEY_NAME = "client_secret_key"  # noqa: S105 (a row name)
 """The server secret client secrets are hashed under (HMAC-SHA-256)."""
 SEALING_VARIABLE = "LEDGER_KEY_ENCRYPTION_KEY"
 DPOP_NONCE_KEY_NAME = "dpop_nonce_key"
+LOGIN_FORM_KEY_NAME = "login_form_key"
+"""The HMAC key of the hosted login page's CSRF tokens."""
 """The server secret DPoP nonces are an HMAC under (api.dpop.Nonces)."""
 EVENT_KEY_NAME = "security_event_key"
 """The server_secrets row holding the key Security Event Tokens are signed with."""

@@ -6,6 +6,7 @@ projection row lock, so any number of workers behave like one.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from api.accounts import Accounts, Client, ClientDirectory, normal_name
+from api.accounts import Accounts, Client, ClientDirectory, User, normal_name
 from api.dpop import DEFAULT_SKEW, Proof
 from api.dpop_replay import REPLAYED, ProofReplay
 from api.errors import (
@@ -40,9 +41,20 @@ from api.tokens import (
 )
 from ledger.db import translated_errors
 from ledger.errors import ConcurrencyConflict
-from ledger.events import BrowserRequestRefused, ClientCredentialsGranted
+from ledger.events import (
+    AuthorizationCodeIssued,
+    AuthorizationCodeRedeemed,
+    AuthorizationCodeRefused,
+    AuthorizationCodeReplayed,
+    BrowserRequestRefused,
+    ClientCredentialsGranted,
+    Event,
+)
+from ledger.serialization import format_timestamp
 from ledger.store import EventStore, PipelinedTransaction, Stream, pipelined
+from projections import code as codes
 from projections import principal, session
+from projections.code import code_hash
 from projections.session import Decision, Outcome, SessionState
 from projections.sql.inline import (
     apply_session_decision,
@@ -55,7 +67,13 @@ from projections.sql.inline import (
     save_session_async,
     valid_user_sessions,
 )
-from projections.streams import client_stream, principal_stream, refusal_stream, session_stream
+from projections.streams import (
+    client_stream,
+    code_stream,
+    principal_stream,
+    refusal_stream,
+    session_stream,
+)
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -77,6 +95,17 @@ _BINDING_REFUSALS = {
     (False, False): "the DPoP proof is not signed by the key this access token is bound to",
 }
 BAD_LOGIN = "invalid username or password"
+_CODE_REFUSALS = {
+    "unknown": "the authorization code is not valid",
+    "expired": "the authorization code has expired",
+    "client": "the authorization code was issued to another client",
+    "redirect_uri": "redirect_uri is not the one the authorization code was issued for",
+    "verifier": "code_verifier does not match the code_challenge (PKCE)",
+    "account": "the code's user no longer holds its account or scope",
+    "replayed": "the authorization code was used before; the session it started is revoked",
+}
+CODE_REPLAYED = "code_replayed"
+"""The SessionEnded reason of a session whose authorization code was presented again."""
 # SessionEnded reasons of account changes (api.users).
 USER_REMOVED, PASSWORD_CHANGED = "user_removed", "password_changed"
 SCOPES_CHANGED = "scopes_changed"
@@ -191,6 +220,131 @@ class SessionService:
     ) -> TokenGrant:
         """A new session for the user, bound to the DPoP key `jkt` when the request proved
         possession of one (RFC 9449 §5): its refreshes then need that key's proofs."""
+        user, now = self._authenticate(username, password, info)
+        granted = _granted_scope(user.scopes, scope)
+        return self._start(user.name, client, granted, info, now, jkt)
+
+    def authorize(
+        self,
+        username: str,
+        password: str,
+        client: Client,
+        scope: str | None,
+        redirect_uri: str,
+        code_challenge: str,
+        info: RequestInfo,
+    ) -> str:
+        """The login of the authorization endpoint (RFC 6749 §4.1): the same rules as `login`,
+        and on success a new code for `client`, bound to `redirect_uri` and the PKCE S256
+        `code_challenge`, recorded as AuthorizationCodeIssued on a stream named after its
+        hash. The code itself is returned, and stored nowhere."""
+        user, now = self._authenticate(username, password, info)
+        granted = _granted_scope(user.scopes, scope)
+        code = secrets.token_urlsafe(32)
+        issued = AuthorizationCodeIssued(
+            occurred_at=now,
+            user=user.name,
+            client_id=client.client_id,
+            redirect_uri=redirect_uri,
+            code_challenge=code_challenge,
+            scope=granted,
+            expires_at=now + self._settings.code_lifetime,
+            ip=info.ip,
+            user_agent=info.user_agent,
+        )
+        self._store.append(code_stream(code_hash(code)), 0, [issued], info.metadata())
+        return code
+
+    def redeem_code(
+        self,
+        code: str,
+        client: Client,
+        redirect_uri: str,
+        verifier: str,
+        info: RequestInfo,
+        jkt: str | None = None,
+    ) -> TokenGrant:
+        """grant_type=authorization_code (RFC 6749 §4.1.3, RFC 7636 §4.6): a session started
+        exactly as by a login, for the code's user and scope. A refused redemption is recorded
+        (AuthorizationCodeRefused); a second one ends the session the first started (§4.1.2)."""
+        for _ in range(LOST_RACE_ATTEMPTS - 1):
+            with suppress(ConcurrencyConflict):
+                return self._redeem_once(code, client, redirect_uri, verifier, info, jkt)
+        return self._redeem_once(code, client, redirect_uri, verifier, info, jkt)
+
+    def _redeem_once(
+        self,
+        code: str,
+        client: Client,
+        redirect_uri: str,
+        verifier: str,
+        info: RequestInfo,
+        jkt: str | None,
+    ) -> TokenGrant:
+        stream = code_stream(code_hash(code))
+        state = codes.fold(self._store.read_stream(stream.id))
+        if state is None:
+            raise InvalidGrant(_CODE_REFUSALS["unknown"])
+        now = self.clock()
+        if state.redeemed is not None:
+            self._code_replayed(stream, state, info, now)
+            raise InvalidGrant(_CODE_REFUSALS["replayed"])
+        reason = codes.refusal(state, client.client_id, redirect_uri, verifier, now)
+        holder = self._accounts.user(state.issued.user)
+        if reason is None and (holder is None or not set(state.issued.scope) <= set(holder.scopes)):
+            reason = "account"  # the user was removed, or lost a scope, since the code was issued
+        if reason is not None:
+            refused = AuthorizationCodeRefused(
+                occurred_at=now, reason=reason, ip=info.ip, user_agent=info.user_agent
+            )
+            self._store.append(stream, state.version, [refused], info.metadata(client.client_id))
+            raise InvalidGrant(_CODE_REFUSALS[reason])
+        session_id = new_session_id()
+        redeemed = AuthorizationCodeRedeemed(
+            occurred_at=now, session_id=session_id, ip=info.ip, user_agent=info.user_agent
+        )
+        return self._start(
+            state.issued.user,
+            client,
+            state.issued.scope,
+            info,
+            now,
+            jkt,
+            session_id=session_id,
+            also=(stream, state.version, redeemed),
+        )
+
+    def _code_replayed(
+        self, stream: Stream, state: codes.CodeState, info: RequestInfo, now: datetime
+    ) -> None:
+        """Record the replay, then end the session the code's redemption started."""
+        first = state.redeemed
+        assert first is not None
+        assert state.redeemed_at is not None
+        replayed = AuthorizationCodeReplayed(
+            occurred_at=now,
+            session_id=first.session_id,
+            first_use={
+                "at": format_timestamp(state.redeemed_at),
+                "ip": first.ip,
+                "user_agent": first.user_agent,
+            },
+            ip=info.ip,
+            user_agent=info.user_agent,
+        )
+        self._store.append(stream, state.version, [replayed], info.metadata())
+        self._decide(
+            first.session_id,
+            info,
+            lambda s, at: session.decide_end(s, CODE_REPLAYED, at, self._policy),
+        )
+
+    def _authenticate(
+        self, username: str, password: str, info: RequestInfo
+    ) -> tuple[User, datetime]:
+        """The user the name and password prove, and when; InvalidGrant otherwise, the failure
+        recorded first. The address throttle, the lockout and the unknown-user timing hold for
+        every way of logging in."""
         self._throttle.take(info.ip, self.clock())
         user = self._accounts.user(username)
         # Every spelling of a name (in any case, or full-width) shares one principal and lockout.
@@ -211,13 +365,28 @@ class SessionService:
                 record_failure(self._store, conn, state, failure, self._settings.lockout)
         if refusal is not None or user is None:  # the failure is committed before refusing
             raise InvalidGrant(refusal[1] if refusal else BAD_LOGIN)
-        granted = _granted_scope(user.scopes, scope)
-        session_id = new_session_id()
+        return user, now
+
+    def _start(
+        self,
+        user: str,
+        client: Client,
+        scope: tuple[str, ...],
+        info: RequestInfo,
+        now: datetime,
+        jkt: str | None,
+        *,
+        session_id: str | None = None,
+        also: tuple[Stream, int, Event] | None = None,
+    ) -> TokenGrant:
+        """A new session's SessionStarted and row, with `also` (an event on another stream at
+        its expected version) in the same transaction."""
+        session_id = session_id or new_session_id()
         token = refresh_token(self._refresh_secret, session_id, 1)
         started = session.start(
-            user=user.name,
+            user=user,
             client_id=client.client_id,
-            scope=granted,
+            scope=scope,
             refresh_token_hash=refresh_token_hash(token),
             ip=info.ip,
             user_agent=info.user_agent,
@@ -225,20 +394,31 @@ class SessionService:
             jkt=jkt,
         )
         with self._transaction() as conn:
+            if also is not None:
+                stream, version, event = also
+                self._store.append(stream, version, [event], info.metadata(), conn=conn)
             self._store.append(_stream(session_id), 0, [started], info.metadata(), conn=conn)
             state_after = session.evolve(None, session_id, started)
             save_session(conn, state_after)
         return self._grant(state_after, token, now, jkt)
 
     async def refresh(
-        self, token: str, client: Client, info: RequestInfo, proof: Proof | None = None
+        self,
+        token: str,
+        client: Client,
+        info: RequestInfo,
+        proof: Proof | None = None,
+        scope: str | None = None,
     ) -> TokenGrant:
         """Rotate the refresh token. `proof` is the request's DPoP proof, checked but not yet
         taken: the refresh takes its jti (RFC 9449 §11.1) in its own transaction. A session bound
         to a key is refreshed only with that key's proof (§5); any other try is refused and
-        recorded (DpopProofRefused)."""
+        recorded (DpopProofRefused). A `scope` (RFC 6749 §6) must be the session's own, as
+        clients such as Authlib send it: a session's scope never changes."""
         session_id, generation = self._parse_refresh(token)
-        return await _retried(lambda: self._refresh(session_id, generation, client, info, proof))
+        return await _retried(
+            lambda: self._refresh(session_id, generation, client, info, proof, scope)
+        )
 
     async def _refresh(
         self,
@@ -247,6 +427,7 @@ class SessionService:
         client: Client,
         info: RequestInfo,
         proof: Proof | None,
+        scope: str | None,
     ) -> TokenGrant:
         # The successor; a retry in grace gets it again, as the presented token's successor is
         # then the session's current token (tokens are a MAC of session id and generation).
@@ -264,6 +445,8 @@ class SessionService:
                 raise InvalidDpopProof(REPLAYED)
             if state is None or state.client_id != client.client_id:
                 raise InvalidGrant("the refresh token is not valid")
+            if scope is not None and set(scope.split(" ")) != set(state.scope):
+                raise InvalidScope("a refresh keeps the session's scope: omit scope, or repeat it")
             now = self._now(state)
             # The user's current account decides too: a session never outlives its user, nor
             # keeps a scope the user no longer holds (an account change that could not end it).

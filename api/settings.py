@@ -79,6 +79,8 @@ class Settings:
     dpop_mismatch_revokes: bool = False
     """Whether a bound session's refresh without its key's proof also ends the session
     (LEDGER_DPOP_MISMATCH_REVOKES); it is always refused and recorded."""
+    code_lifetime: timedelta = timedelta(seconds=60)
+    """How long an authorization code may be redeemed (LEDGER_AUTHORIZATION_CODE_TTL)."""
     signal_push_timeout: timedelta = timedelta(seconds=5)
     """How long a Shared Signals push to a receiver may take before it counts as failed and is
     retried (LEDGER_SIGNAL_PUSH_TIMEOUT)."""
@@ -165,6 +167,7 @@ class Settings:
             dpop_window=_duration(env, "LEDGER_DPOP_WINDOW", DEFAULT_WINDOW),
             dpop_nonce=_flag(env, "LEDGER_DPOP_NONCE", False),
             dpop_mismatch_revokes=_flag(env, "LEDGER_DPOP_MISMATCH_REVOKES", False),
+            code_lifetime=_duration(env, "LEDGER_AUTHORIZATION_CODE_TTL", timedelta(seconds=60)),
             signal_push_timeout=_duration(env, "LEDGER_SIGNAL_PUSH_TIMEOUT", timedelta(seconds=5)),
             signal_long_poll=_duration(env, "LEDGER_SIGNAL_LONG_POLL", timedelta(seconds=10)),
             trusted_proxies=_networks(env, "LEDGER_TRUSTED_PROXIES"),

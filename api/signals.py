@@ -82,6 +82,7 @@ _INITIATOR = {
     "logout": "user",
     "reuse_detected": "policy",
     "dpop_refused": "policy",
+    "code_replayed": "policy",
     "idle_timeout": "system",
     "absolute_timeout": "system",
 }

@@ -37,7 +37,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from api.accounts import DEFAULT_GRANTS, INTROSPECT_SCOPE, PRODUCTION_HASHER, Accounts, Client
+from api.accounts import INTROSPECT_SCOPE, PRODUCTION_HASHER, Accounts, Client
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from bench.append import load_average, scratch_run
 from bench.refresh import (
@@ -57,6 +57,7 @@ from ledger.db import open_pool
 LEGACY, KEYED = "bench-legacy", "bench-keyed"
 SECRET = "bench-Xq7-vT2_pL9wZr4KmN8sB3yH6jD1cF5g"
 WRONG = "bench-wrong-guess-000000000000000000000"
+GRANTS = ("password", "refresh_token")
 WIDE_OPEN = {
     "LEDGER_ADDRESS_LOGIN_LIMIT": "1000000",
     # A lock needs 32 failures within one second: more than argon2 allows on two cores.
@@ -89,8 +90,8 @@ class Flood:
 def verifier_costs(pool: ConnectionPool, rounds: int) -> tuple[float, float]:
     """Median seconds to refuse a wrong secret: argon2id (production), then the keyed hash."""
     accounts = Accounts(pool, PRODUCTION_HASHER, secret_key=client_secret_key(pool))
-    legacy = Client(LEGACY, PRODUCTION_HASHER.hash(SECRET), DEFAULT_GRANTS)
-    keyed = Client(KEYED, accounts.secret_hash(SECRET), DEFAULT_GRANTS)
+    legacy = Client(LEGACY, PRODUCTION_HASHER.hash(SECRET), GRANTS)
+    keyed = Client(KEYED, accounts.secret_hash(SECRET), GRANTS)
     return (
         _median(lambda: accounts.check_legacy_secret(legacy, WRONG), rounds),
         _median(lambda: accounts.check_secret(keyed, WRONG), rounds * 1000),
@@ -113,12 +114,12 @@ def client_secret_key(pool: ConnectionPool) -> bytes:
 
 def create_clients(pool: ConnectionPool) -> None:
     Accounts(pool, secret_key=client_secret_key(pool)).add_client(
-        KEYED, SECRET, DEFAULT_GRANTS, (INTROSPECT_SCOPE,)
+        KEYED, SECRET, GRANTS, (INTROSPECT_SCOPE,)
     )
     with pool.connection() as conn:
         conn.execute(
             "INSERT INTO clients (client_id, secret_hash, grants, scopes) VALUES (%s, %s, %s, %s)",
-            (LEGACY, PRODUCTION_HASHER.hash(SECRET), list(DEFAULT_GRANTS), [INTROSPECT_SCOPE]),
+            (LEGACY, PRODUCTION_HASHER.hash(SECRET), list(GRANTS), [INTROSPECT_SCOPE]),
         )
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 import psycopg
 
-from api.accounts import DEFAULT_GRANTS, PRODUCTION_HASHER, Accounts
+from api.accounts import PRODUCTION_HASHER, Accounts
 from bench.append import load_average, scratch_run, target
 from bench.refresh import CHEAP_HASHER, CLIENT, PASSWORD, Connection, api_command, serving
 from ledger.db import open_pool
@@ -31,7 +31,7 @@ SERVER_ENV = {"LEDGER_ADDRESS_LOGIN_LIMIT": "100000"}
 
 def create_users(url: str, tries: int) -> None:
     with open_pool(url, max_size=1) as pool:
-        Accounts(pool, CHEAP_HASHER).add_client(CLIENT, None, DEFAULT_GRANTS)
+        Accounts(pool, CHEAP_HASHER).add_client(CLIENT, None, ("password", "refresh_token"))
         accounts = Accounts(pool, PRODUCTION_HASHER)
         for n in range(tries):
             accounts.add_user(f"known-{n}", PASSWORD, ())

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pgserver._commands import POSTGRES_BIN_PATH
 from psycopg_pool import ConnectionPool
 
-from api.accounts import DEFAULT_GRANTS, PRODUCTION_HASHER, Accounts
+from api.accounts import PRODUCTION_HASHER, Accounts
 from bench.append import Figure, load_average, p99, scratch_run, target
 from ledger.chain import GENESIS
 from ledger.db import open_pool
@@ -188,7 +188,7 @@ def _tail(log: Path) -> str:
 def create_accounts(url: str) -> None:
     """A public client, a cheap-hash user for set-up and production-hash users for logins."""
     with open_pool(url, max_size=1) as pool:
-        Accounts(pool, CHEAP_HASHER).add_client(CLIENT, None, DEFAULT_GRANTS)
+        Accounts(pool, CHEAP_HASHER).add_client(CLIENT, None, ("password", "refresh_token"))
         Accounts(pool, CHEAP_HASHER).add_user(FAST_USER, PASSWORD, ("profile",))
         slow = Accounts(pool, PRODUCTION_HASHER)
         for n in range(LOGIN_CLIENTS):

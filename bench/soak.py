@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 from urllib.parse import urlencode
 
-from api.accounts import DEFAULT_GRANTS, INTROSPECT_SCOPE, Accounts
+from api.accounts import INTROSPECT_SCOPE, Accounts
 from api.keys import CLIENT_SECRET_KEY_NAME, Sealer, load_server_secret
 from bench.append import Figure, load_average, scratch_run, target
 from bench.refresh import (
@@ -375,7 +375,8 @@ def create_soak_accounts(url: str) -> list[str]:
     with open_pool(url, max_size=1) as pool:
         key = load_server_secret(pool, Sealer(None), datetime.now(UTC), CLIENT_SECRET_KEY_NAME)
         accounts = Accounts(pool, CHEAP_HASHER, secret_key=key)
-        accounts.add_client(RESOURCE_SERVER, RESOURCE_SECRET, DEFAULT_GRANTS, (INTROSPECT_SCOPE,))
+        grants = ("password", "refresh_token")
+        accounts.add_client(RESOURCE_SERVER, RESOURCE_SECRET, grants, (INTROSPECT_SCOPE,))
         for user in (TYPO_USER, *users):
             accounts.add_user(user, PASSWORD, ("profile",))
     return users

@@ -391,3 +391,51 @@ class BrowserRequestRefused(Event):
     endpoint: str
     reason: str
     origin: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorizationCodeIssued(Event):
+    """The user `user` logged in at the authorization endpoint (from `ip` with `user_agent`) and
+    got a code for `client_id`, bound to `redirect_uri` and the PKCE `code_challenge` (S256),
+    holding `scope`, redeemable until `expires_at`. Its stream is named after the code's
+    SHA-256; the code itself is stored nowhere."""
+
+    user: str
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    scope: tuple[str, ...]
+    expires_at: datetime
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorizationCodeRedeemed(Event):
+    """The code was exchanged for the session `session_id`, from `ip` with `user_agent`."""
+
+    session_id: str
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorizationCodeRefused(Event):
+    """A redemption of the code was refused (`reason`: expired, client, redirect_uri,
+    verifier), from `ip` with `user_agent`; the code stays redeemable until it expires."""
+
+    reason: str
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorizationCodeReplayed(Event):
+    """The code, already redeemed, was presented again from `ip` with `user_agent`: refused,
+    and the session its redemption started (`session_id`) ended (RFC 6749 §4.1.2). The first
+    redemption's request is in `first_use` (`at`, `ip`, `user_agent`)."""
+
+    session_id: str
+    first_use: dict[str, JsonValue]
+    ip: str | None
+    user_agent: str | None

@@ -1,7 +1,8 @@
 """The streams sessions live in: their types, how their ids are made and read back.
 
 A stream id is `<type>:<key>` (`session:<session id>`, `principal:<user name>`,
-`client:<client id>`, `browser-refusal:<request id>`, `signal-stream:<SSF stream id>`). Stored
+`client:<client id>`, `browser-refusal:<request id>`, `signal-stream:<SSF stream id>`,
+`authorization-code:<the code's SHA-256, hex>`). Stored
 ids keep this form for good: changing it would orphan every stream already written.
 """
 
@@ -19,6 +20,8 @@ BROWSER_REFUSAL = "browser-refusal"
 """The stream type of a refused cross-site browser request (one stream per request)."""
 SIGNAL_STREAM = "signal-stream"
 """The stream type of a Shared Signals event stream's history (one stream per SSF stream)."""
+AUTHORIZATION_CODE = "authorization-code"
+"""The stream type of an authorization code's life: issued, refused, redeemed, replayed."""
 
 
 def session_stream(session_id: str) -> Stream:
@@ -44,6 +47,11 @@ def refusal_stream(request_id: str) -> Stream:
 def signal_stream(stream_id: str) -> Stream:
     """The stream recording the Shared Signals stream `stream_id`'s history."""
     return Stream(_stream_id(SIGNAL_STREAM, stream_id), SIGNAL_STREAM)
+
+
+def code_stream(code_hash: str) -> Stream:
+    """The stream of the authorization code whose SHA-256 (hex) is `code_hash`."""
+    return Stream(_stream_id(AUTHORIZATION_CODE, code_hash), AUTHORIZATION_CODE)
 
 
 def session_stream_id(session_id: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ledger.events import (
+    AuthorizationCodeReplayed,
     DpopProofRefused,
     LoginFailed,
     PrincipalLocked,
@@ -234,6 +235,9 @@ def alert_for(
         details = {"reason": event.reason, "jkt": event.jkt, "user_agent": event.user_agent}
         session_id = session_id_of(recorded.stream_id)
         return Alert(position, "dpop_refused", at, origin.user, session_id, event.ip, details)
+    if isinstance(event, AuthorizationCodeReplayed):
+        details = {"first_use": event.first_use, "user_agent": event.user_agent}
+        return Alert(position, "code_replayed", at, None, event.session_id, event.ip, details)
     if isinstance(event, PrincipalLocked):
         name = principal_name_of(recorded.stream_id)
         details = {"until": format_timestamp(event.until), "failures": event.failures}

@@ -140,6 +140,15 @@ def clients_add(
             " feed); repeat for more.",
         ),
     ] = None,
+    redirect_uri: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--redirect-uri",
+            help="Where /oauth/authorize may send the user back with a code: an absolute URI,"
+            " https (http only on loopback), without fragment, matched exactly; repeat for more."
+            " The authorization_code grant needs one.",
+        ),
+    ] = None,
     require_dpop: Annotated[
         bool,
         typer.Option(
@@ -150,8 +159,9 @@ def clients_add(
     ] = False,
 ) -> None:
     """Create a client. A confidential one without --secret-stdin gets a generated secret,
-    printed once. Grants default to password and refresh_token; client_credentials (a token for
-    the client itself, holding its client scopes) is for confidential clients only."""
+    printed once. Grants default to authorization_code and refresh_token; password must be
+    asked for (RFC 9700 forbids it: the app sees the user's password); client_credentials (a
+    token for the client itself, holding its client scopes) is for confidential clients only."""
     confidential = confidential or secret_stdin
     generated = confidential and not secret_stdin
     secret = None
@@ -166,6 +176,7 @@ def clients_add(
             tuple(grant or DEFAULT_GRANTS),
             tuple(scope or ()),
             dpop_bound=require_dpop,
+            redirect_uris=tuple(redirect_uri or ()),
         )
     kind = "confidential" if confidential else "public"
     required = ", DPoP proofs required" if require_dpop else ""

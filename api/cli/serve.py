@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from api.accounts import DEFAULT_GRANTS, Accounts
+from api.accounts import AUTHORIZATION_CODE, Accounts
 from api.cli.support import failures_exit_2, prepare_database, service_url
 from api.http.transport import log_config
 from api.settings import Settings
@@ -62,7 +62,7 @@ def serve(
         check_role(url, RUNTIME_ROLE)  # the workers act as it; say why now if they cannot
         if demo:
             with open_pool(owner_url, max_size=1) as pool:  # accounts are the owner's to write
-                _create_demo_accounts(Accounts(pool))
+                _create_demo_accounts(Accounts(pool), base)
             typer.echo(demo_walkthrough(base))
     # Workers are separate processes: they find the database (embedded or not) in the environment.
     os.environ["LEDGER_DATABASE_URL"] = url
@@ -123,11 +123,18 @@ def _exit_normally(signum: int, frame: object) -> None:
 DEMO_USER, DEMO_PASSWORD, DEMO_CLIENT = "demo", "demo-password", "demo-spa"
 
 
-def _create_demo_accounts(accounts: Accounts) -> None:
+DEMO_GRANTS = (AUTHORIZATION_CODE, "refresh_token", "password")
+"""Both ways in for the demo page: the server's login page, and its own form."""
+
+
+def _create_demo_accounts(accounts: Accounts, base: str) -> None:
     if accounts.user(DEMO_USER) is None:
         accounts.add_user(DEMO_USER, DEMO_PASSWORD, ("profile",))
+    redirect_uris = (f"{base}/demo",)
     if accounts.client(DEMO_CLIENT) is None:
-        accounts.add_client(DEMO_CLIENT, None, DEFAULT_GRANTS)
+        accounts.add_client(DEMO_CLIENT, None, DEMO_GRANTS, redirect_uris=redirect_uris)
+    else:  # made by an earlier version, or for another address
+        accounts.widen_client(DEMO_CLIENT, DEMO_GRANTS, redirect_uris)
 
 
 def demo_walkthrough(base: str) -> str:
@@ -151,4 +158,30 @@ curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT
 #    same successor; after that, replaying it is theft and revokes the session:
 sleep 11; curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
      -d refresh_token="$REFRESH"
+
+# 5. The authorization code with PKCE: the app sends the user to this server's login page and
+#    never sees the password. A browser does the middle part; here Python's standard library:
+python3 - <<'PY'
+import base64, hashlib, json, re, secrets, urllib.error, urllib.parse, urllib.request
+BASE, CLIENT, BACK = "{base}", "{DEMO_CLIENT}", "{base}/demo"
+verifier = secrets.token_urlsafe(48)  # the app keeps this; only its hash travels
+challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+query = urllib.parse.urlencode(dict(response_type="code", client_id=CLIENT, redirect_uri=BACK,
+    code_challenge=challenge.decode(), code_challenge_method="S256", state="s1"))
+page = urllib.request.urlopen(f"{{BASE}}/oauth/authorize?{{query}}")  # the login page
+cookie = page.headers["Set-Cookie"].split(";")[0]  # its CSRF cookie, as a browser keeps it
+form = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', page.read().decode()))
+form.update(username="{DEMO_USER}", password="{DEMO_PASSWORD}")  # what the user types in
+class Keep(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args): return None  # the answer is the redirect itself
+try:
+    urllib.request.build_opener(Keep).open(urllib.request.Request(f"{{BASE}}/oauth/authorize",
+        urllib.parse.urlencode(form).encode(), {{"Cookie": cookie}}))
+except urllib.error.HTTPError as answer:  # 303 to the app, with the code
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(answer.headers["Location"]).query)["code"][0]
+tokens = urllib.request.urlopen(f"{{BASE}}/oauth/token", urllib.parse.urlencode(dict(
+    grant_type="authorization_code", client_id=CLIENT, code=code, redirect_uri=BACK,
+    code_verifier=verifier)).encode())
+print(json.dumps(json.load(tokens), indent=2))
+PY
 """

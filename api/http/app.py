@@ -17,11 +17,23 @@ from api.clients import ClientAuthentication
 from api.dpop import Nonces
 from api.dpop_replay import ProofPruner
 from api.feed import SessionEndHub
-from api.http import audit, edge, errors, feeds, metrics, oauth, openapi, sessions, signals
+from api.http import (
+    audit,
+    authorize,
+    edge,
+    errors,
+    feeds,
+    metrics,
+    oauth,
+    openapi,
+    sessions,
+    signals,
+)
 from api.http.browser import router as browser_router
 from api.keys import (
     CLIENT_SECRET_KEY_NAME,
     DPOP_NONCE_KEY_NAME,
+    LOGIN_FORM_KEY_NAME,
     Sealer,
     load_event_signing_key,
     load_server_secret,
@@ -65,6 +77,9 @@ def create_app(
                 load_server_secret, pool, sealer, now(), CLIENT_SECRET_KEY_NAME
             )
             accounts = Accounts(pool, hasher, secret_key=secret_key)
+            app.state.login_form_key = await run_in_threadpool(
+                load_server_secret, pool, sealer, now(), LOGIN_FORM_KEY_NAME
+            )
             # The first unknown-user login must not be the one that pays for the stand-in hash.
             await run_in_threadpool(accounts.check_password, None, "")
             app.state.pool = pool
@@ -153,6 +168,7 @@ def create_app(
     errors.install(app)
     edge.install(app, latency)
     app.include_router(oauth.router)
+    app.include_router(authorize.router)
     app.include_router(sessions.router)
     app.include_router(audit.router)
     app.include_router(feeds.router)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import Client, ClientDirectory
+from api.accounts import AUTHORIZATION_CODE, Client, ClientDirectory
 from api.errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service
@@ -79,6 +79,29 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     await taken_once(request, proof)
     jkt = None if proof is None else proof.jkt
     grant = await run_in_threadpool(service.login, username, password, client, scope, info, jkt)
+    return _granted(request, grant, service)
+
+
+@router.post(
+    "/browser/token",
+    dependencies=ALLOWED_ORIGIN_ONLY,
+    openapi_extra=oas.BROWSER_CODE_REQUEST,
+    responses=oas.BROWSER_TOKEN_RESPONSES,
+)
+async def code_login(request: Request, service: Service, info: Info) -> JSONResponse:
+    """The end of the authorization-code flow for a page (session-client.js handleRedirect):
+    the code, exchanged as at /oauth/token, becomes the same refresh cookie as a login's."""
+    body = await read_json(request)
+    code, redirect_uri = required_json_text(body, "code"), required_json_text(body, "redirect_uri")
+    verifier = required_json_text(body, "code_verifier")
+    client_id = required_json_text(body, "client_id")
+    client = await _public_client(request, client_id, AUTHORIZATION_CODE)
+    proof = token_request_proof(request, client)
+    await taken_once(request, proof)
+    jkt = None if proof is None else proof.jkt
+    grant = await run_in_threadpool(
+        service.redeem_code, code, client, redirect_uri, verifier, info, jkt
+    )
     return _granted(request, grant, service)
 
 

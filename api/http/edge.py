@@ -37,6 +37,11 @@ _CREDENTIAL_PARAMETERS = frozenset(
     {b"access_token", b"refresh_token", b"client_secret", b"password", b"token", b"code"}
 )
 
+# The demo page is where the login page sends its users back, with the code in the query as
+# RFC 6749 §4.1.2 says; the page takes it out of the address bar at once.
+DEMO_PATH = "/demo"
+_CODE_RETURN = _CREDENTIAL_PARAMETERS - {b"code"}
+
 
 def install(app: FastAPI, latency: Histogram) -> None:
     app.add_middleware(Edge, latency=latency)
@@ -95,9 +100,8 @@ def _refusal(scope: Scope) -> tuple[int, str] | None:
     lowered = query.lower()
     if "\x00" in scope["path"] or b"%00" in lowered or b"\x00" in lowered:
         return 400, "NUL characters are not allowed"
-    if lowered and any(
-        name.partition(b"=")[0] in _CREDENTIAL_PARAMETERS for name in lowered.split(b"&")
-    ):
+    refused = _CODE_RETURN if scope["path"] == DEMO_PATH else _CREDENTIAL_PARAMETERS
+    if lowered and any(name.partition(b"=")[0] in refused for name in lowered.split(b"&")):
         return 400, "credentials are not accepted in the query string; send them in the body"
     return None
 

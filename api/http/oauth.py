@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.accounts import CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS
-from api.errors import InvalidClient, InvalidRequest, UnauthorizedClient, UnsupportedGrantType
+from api.accounts import AUTHORIZATION_CODE, CLIENT_CREDENTIALS, INTROSPECT_SCOPE, SUPPORTED_GRANTS
+from api.errors import InvalidClient, UnauthorizedClient, UnsupportedGrantType
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service, authenticated_client
 from api.http.errors import NO_STORE
@@ -41,14 +41,19 @@ async def token(request: Request, service: Service, info: Info) -> JSONResponse:
         grant = await run_in_threadpool(
             service.login, username, password, client, form.get("scope"), info, jkt
         )
+    elif grant_type == AUTHORIZATION_CODE:  # RFC 6749 §4.1.3, RFC 7636 §4.5
+        code, redirect_uri = required(form, "code"), required(form, "redirect_uri")
+        verifier = required(form, "code_verifier")
+        grant = await run_in_threadpool(
+            service.redeem_code, code, client, redirect_uri, verifier, info, jkt
+        )
     elif grant_type == CLIENT_CREDENTIALS:
         # RFC 6749 §4.4.2: only a confidential client, which add_client ensures of this grant.
         grant = await run_in_threadpool(service.grant_client, client, form.get("scope"), info, jkt)
     else:
-        if "scope" in form:
-            raise InvalidRequest("a refresh keeps the session's scope; omit scope")
         refresh_token = required(form, "refresh_token")
-        grant = await service.refresh(refresh_token, client, info, proof)
+        scope = form.get("scope")
+        grant = await service.refresh(refresh_token, client, info, proof, scope)
     return JSONResponse(_token_body(grant), headers=nonced(request, NO_STORE))
 
 
@@ -93,6 +98,7 @@ async def metadata(request: Request) -> JSONResponse:
     return JSONResponse(
         {
             "issuer": issuer,
+            "authorization_endpoint": f"{issuer}/oauth/authorize",
             "token_endpoint": f"{issuer}/oauth/token",
             "revocation_endpoint": f"{issuer}/oauth/revoke",
             "introspection_endpoint": f"{issuer}/oauth/introspect",
@@ -102,7 +108,9 @@ async def metadata(request: Request) -> JSONResponse:
             "session_ends_endpoint": f"{issuer}/feeds/session-ends",
             "grant_types_supported": list(SUPPORTED_GRANTS),
             "dpop_signing_alg_values_supported": list(request.app.state.settings.dpop_algorithms),
-            "response_types_supported": [],
+            "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
+            "authorization_response_iss_parameter_supported": True,  # RFC 9207
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
                 "client_secret_post",

@@ -104,7 +104,13 @@ _CLIENT_FIELDS: Schema = {
     "client_secret": {**_STRING, "description": "client_secret_post (or use HTTP Basic)"},
 }
 _TOKEN_FIELDS: Schema = {
-    "grant_type": {"type": "string", "enum": ["password", "refresh_token", "client_credentials"]},
+    "grant_type": {
+        "type": "string",
+        "enum": ["authorization_code", "refresh_token", "password", "client_credentials"],
+    },
+    "code": {**_NON_EMPTY, "description": "grant_type=authorization_code"},
+    "redirect_uri": {**_NON_EMPTY, "description": "grant_type=authorization_code"},
+    "code_verifier": {**_NON_EMPTY, "description": "grant_type=authorization_code (PKCE)"},
     "username": {**_NON_EMPTY, "description": "grant_type=password"},
     "password": {**_NON_EMPTY, "description": "grant_type=password"},
     "scope": {**_STRING, "description": "grant_type=password; space-separated"},
@@ -143,6 +149,10 @@ BROWSER_LOGIN_REQUEST = _browser_body(
     ["client_id", "username", "password"],
 )
 BROWSER_CLIENT_REQUEST = _browser_body({"client_id": _NON_EMPTY}, ["client_id"])
+_CODE_FIELDS = ("client_id", "code", "redirect_uri", "code_verifier")
+BROWSER_CODE_REQUEST = _browser_body(
+    {name: _NON_EMPTY for name in _CODE_FIELDS}, list(_CODE_FIELDS)
+)
 BEARER = {
     "parameters": [
         {

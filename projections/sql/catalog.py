@@ -96,7 +96,7 @@ PROJECTIONS: dict[str, Projection] = {
             summaries.apply_alerts,
             False,
             "security alerts: refresh-token reuse, bound sessions used without their DPoP key,"
-            " lockouts, failure bursts from one address",
+            " replayed authorization codes, lockouts, failure bursts from one address",
         ),
     )
 }

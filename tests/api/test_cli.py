@@ -162,10 +162,10 @@ def test_confidential_client_gets_a_secret_printed_once(db_url: str, pool: Conne
 
 def test_a_client_can_be_made_to_require_dpop(db_url: str, pool: ConnectionPool) -> None:
     env = {"LEDGER_DATABASE_URL": db_url}
-    result = run("clients", "add", "strict", "--require-dpop", env=env)
+    result = run("clients", "add", "strict", "--grant", "password", "--require-dpop", env=env)
     assert result.returncode == 0, result.stderr
     assert "DPoP proofs required" in result.stdout
-    assert run("clients", "add", "lax", env=env).returncode == 0
+    assert run("clients", "add", "lax", "--grant", "password", env=env).returncode == 0
     strict, lax = Accounts(pool).client("strict"), Accounts(pool).client("lax")
     assert strict is not None
     assert lax is not None
@@ -174,12 +174,15 @@ def test_a_client_can_be_made_to_require_dpop(db_url: str, pool: ConnectionPool)
 
 def test_public_client_and_secret_from_stdin(db_url: str, pool: ConnectionPool) -> None:
     env = {"LEDGER_DATABASE_URL": db_url}
-    assert run("clients", "add", "spa", env=env).returncode == 0
+    back = ("--redirect-uri", "https://app.test/cb", "--redirect-uri", "http://127.0.0.1:9/cb")
+    assert run("clients", "add", "spa", *back, env=env).returncode == 0
     spa = Accounts(pool).client("spa")
     assert spa is not None
-    assert (spa.is_confidential, spa.grants) == (False, ("password", "refresh_token"))
+    assert (spa.is_confidential, spa.grants) == (False, ("authorization_code", "refresh_token"))
+    assert spa.redirect_uris == ("https://app.test/cb", "http://127.0.0.1:9/cb")
     strong = "Xq7-vT2_pL9wZr4KmN8sB3yH6jD1cF5g"  # what openssl rand -base64 24 gives
-    piped = run("clients", "add", "api", "--secret-stdin", env=env, stdin=f"{strong}\n")
+    api_add = ("clients", "add", "api", "--secret-stdin", "--grant", "client_credentials")
+    piped = run(*api_add, env=env, stdin=f"{strong}\n")
     assert piped.returncode == 0, piped.stderr
     assert strong not in piped.stdout
     accounts = Accounts(pool, secret_key=client_secret_key(pool))
@@ -242,7 +245,7 @@ def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
     db_url: str, pool: ConnectionPool, weak: str
 ) -> None:
     result = run(
-        "clients", "add", "api", "--secret-stdin",
+        "clients", "add", "api", "--secret-stdin", "--grant", "client_credentials",
         env={"LEDGER_DATABASE_URL": db_url}, stdin=f"{weak}\n",
     )  # fmt: skip
     assert result.returncode == 1
@@ -255,6 +258,10 @@ def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
     ("args", "message"),
     [
         (("clients", "add", "spa", "--grant", "implicit"), "grants must be some of"),
+        (("clients", "add", "web"), "needs at least one --redirect-uri"),
+        (("clients", "add", "web", "--redirect-uri", "http://app.test/cb"), "must use https"),
+        (("clients", "add", "web", "--redirect-uri", "https://app.test/cb#x"), "fragment"),
+        (("clients", "add", "web", "--redirect-uri", "/cb"), "absolute URI"),
         (("users", "add", "bad name", "--password-stdin"), "must be 1 to 128"),
         (("users", "add", "ada", "--password-stdin", "--scope", 'a"b'), "not a valid scope"),
     ],

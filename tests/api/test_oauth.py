@@ -268,3 +268,16 @@ def test_five_failures_lock_the_principal(live: LiveServer) -> None:
     assert live.types("principal:ada")[4:] == ["LoginFailed", "PrincipalLocked", "LoginFailed"]
     live.clock.advance(timedelta(minutes=11))  # the window that began with the first failure
     assert live.post("/oauth/token", data=good).status_code == 200
+
+
+def test_a_refresh_may_repeat_the_sessions_scope_but_not_change_it(live: LiveServer) -> None:
+    tokens = live.login(scope="profile")
+    form = {"grant_type": "refresh_token", "client_id": "spa"}
+    same = live.post("/oauth/token", data={**form, "refresh_token": tokens["refresh_token"],
+                                           "scope": "profile"})  # fmt: skip
+    assert same.status_code == 200, same.text
+    current = same.json()["refresh_token"]
+    for other in ("profile email", "email", ""):
+        changed = live.post("/oauth/token", data={**form, "scope": other, "refresh_token": current})
+        assert_oauth_error(changed, 400, "invalid_scope")
+    assert live.types().count("RefreshTokenRotated") == 1

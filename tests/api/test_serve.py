@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -15,6 +17,7 @@ import requests
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
+from api.cli.serve import demo_walkthrough
 from ledger.embedded import is_embedded_running
 from ledger.store import START, EventStore
 from tests.api.conftest import PASSWORD
@@ -101,9 +104,17 @@ def test_serve_demo_prints_a_walkthrough_that_works(db_url: str) -> None:
             f"{url}/oauth/token", data={**form, "password": "demo-password"}, timeout=30
         )
         assert login.status_code == 200, login.text
+        # Its code-flow script logs in through the login page and gets tokens.
+        script = demo_walkthrough(url).split("python3 - <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+        ran = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert json.loads(ran.stdout)["token_type"] == "Bearer"
         os.killpg(process.pid, signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     assert f"curl -s {url}/oauth/token -d grant_type=password -d client_id=demo-spa" in output
+    assert 'grant_type="authorization_code"' in output
     assert "Authorization: Bearer $ACCESS" in output
     assert "warning: demo user 'demo' with the password 'demo-password'" in output
     assert '"POST /oauth/token HTTP/1.1" 200' not in output  # no access log unless asked for

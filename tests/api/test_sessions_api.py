@@ -115,7 +115,12 @@ def test_metadata_and_jwks(live: LiveServer) -> None:
     assert meta["token_endpoint"] == "https://ledger.test/oauth/token"
     assert meta["jwks_uri"] == "https://ledger.test/.well-known/jwks.json"
     assert meta["session_ends_endpoint"] == "https://ledger.test/feeds/session-ends"
-    assert set(meta["grant_types_supported"]) == {"password", "refresh_token", "client_credentials"}
+    assert set(meta["grant_types_supported"]) == {
+        "authorization_code",
+        "refresh_token",
+        "password",
+        "client_credentials",
+    }
     assert "client_secret_basic" in meta["token_endpoint_auth_methods_supported"]
     keys = live.get("/.well-known/jwks.json").json()["keys"]
     # The access-token key, and the Shared Signals events' key (RS256, the CAEP profile's).

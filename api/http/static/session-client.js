@@ -10,7 +10,9 @@
 //   import { SessionClient } from "/static/session-client.js";
 //   const client = new SessionClient({ clientId: "spa" });
 //   client.addEventListener("logged-out", (e) => showLogin(e.detail.reason));
-//   if (!(await client.resume())) await client.login(username, password);
+//   if (!(await client.handleRedirect()) && !(await client.resume())) {
+//     await client.loginWithRedirect(); // the server's login page; or client.login(user, password)
+//   }
 //   const response = await client.fetch("/sessions"); // token, proof added; 401: refresh once
 //
 // Events (CustomEvent, details in braces): "logged-in" {source}, "refreshed" {expiresAt,
@@ -22,6 +24,8 @@ const MAX_SKEW_MS = 5_000; // a token this close to its expiry is not sent any m
 const RETRY_MS = 5_000; // after a refresh that failed for a transient reason
 const PEER_WAIT_MS = 10_000; // the longest wait for another tab's token
 export const DPOP_DATABASE = "session-ledger-dpop"; // IndexedDB: one key per client id
+const PENDING_LOGIN = "session-ledger:login"; // sessionStorage: the PKCE verifier and state
+const ANSWER_PARAMETERS = ["code", "state", "iss", "error", "error_description", "error_uri"];
 const DPOP_STORE = "keys";
 
 /** A refused request: `error` and `description` are the server's RFC 6749 fields. */
@@ -77,6 +81,8 @@ export class SessionClient extends EventTarget {
    * @param {boolean} [options.dpop] bind sessions to a DPoP key (needs WebCrypto and IndexedDB)
    * @param {"ES256" | "EdDSA"} [options.dpopAlgorithm] the key's algorithm; EdDSA (Ed25519)
    *   where the browser has it, else ES256
+   * @param {string} [options.issuer] the server's issuer, which its login answers name in
+   *   `iss` (RFC 9207); by default the API's URL (baseUrl, or this origin)
    */
   constructor({
     clientId,
@@ -87,6 +93,7 @@ export class SessionClient extends EventTarget {
     tokenOrigins,
     dpop = true,
     dpopAlgorithm = "ES256",
+    issuer,
   } = {}) {
     super();
     if (!clientId) throw new TypeError("SessionClient needs a clientId");
@@ -98,6 +105,7 @@ export class SessionClient extends EventTarget {
       activityInterval: activityInterval * 1000,
       activityEvents,
       tokenOrigins: new Set(tokenOrigins ?? [apiOrigin]),
+      issuer: (issuer ?? new URL(this.#base || "/", location.href).href).replace(/\/+$/, ""),
     };
     this.#locks = globalThis.navigator?.locks ?? null;
     this.#lockName = `session-ledger:${clientId}`;
@@ -118,13 +126,65 @@ export class SessionClient extends EventTarget {
     return this.#token === null ? null : this.#expiresAt;
   }
 
+  /** Log in with a password this page collected (the password grant must be registered). */
   async login(username, password, { scope } = {}) {
     const body = { username, password, client_id: this.#clientId };
     if (scope) body.scope = scope;
-    const key = await this.#dpop?.generate(); // a new session, a new key
-    const granted = await this.#call("/browser/login", body, key);
-    if (key) await this.#dpop.keep(key, sessionOf(granted.access_token)); // before other tabs hear
-    await this.#adopt(granted, "login");
+    await this.#start("/browser/login", body);
+  }
+
+  /**
+   * Log in on the server's own login page, so that this page never sees the password: the
+   * authorization-code flow with PKCE (RFC 7636). The browser leaves for the login page and
+   * comes back to `redirectUri` (registered for this client; by default this page's URL), where
+   * `handleRedirect()` finishes. The PKCE verifier waits in this tab's sessionStorage.
+   */
+  async loginWithRedirect({ redirectUri, scope } = {}) {
+    const back = redirectUri ?? withoutAnswer(location.href);
+    const verifier = base64url(crypto.getRandomValues(new Uint8Array(32)));
+    const state = base64url(crypto.getRandomValues(new Uint8Array(16)));
+    sessionStorage.setItem(PENDING_LOGIN, JSON.stringify({ verifier, state, redirectUri: back }));
+    const query = new URLSearchParams({
+      response_type: "code",
+      client_id: this.#clientId,
+      redirect_uri: back,
+      code_challenge: base64url(await sha256(verifier)),
+      code_challenge_method: "S256",
+      state,
+    });
+    if (scope) query.set("scope", scope);
+    location.assign(`${this.#base}/oauth/authorize?${query}`);
+  }
+
+  /**
+   * On the page the login page came back to: exchange its code for a session (true), or
+   * nothing to do (false). The answer's parameters are taken out of the address bar. An error
+   * the server sent back, or an answer that does not match a login started in this tab
+   * (`state`, `iss`), throws a SessionError.
+   */
+  async handleRedirect(url = location.href) {
+    const answer = new URL(url).searchParams;
+    if (!answer.has("code") && !answer.has("error")) return false;
+    const pending = JSON.parse(sessionStorage.getItem(PENDING_LOGIN) ?? "null");
+    sessionStorage.removeItem(PENDING_LOGIN);
+    if (url === location.href) history.replaceState(history.state, "", withoutAnswer(url));
+    if (pending === null || answer.get("state") !== pending.state) {
+      throw new SessionError("invalid_state", "this login answer is not for a login started here");
+    }
+    if (answer.has("iss") && answer.get("iss") !== this.#options.issuer) {
+      throw new SessionError("invalid_issuer", "this login answer comes from another server");
+    }
+    if (answer.has("error")) {
+      throw new SessionError(answer.get("error"), answer.get("error_description") ?? "");
+    }
+    const body = {
+      client_id: this.#clientId,
+      code: answer.get("code"),
+      redirect_uri: pending.redirectUri,
+      code_verifier: pending.verifier,
+    };
+    await this.#start("/browser/token", body);
+    return true;
   }
 
   /** Continue the session of the refresh cookie, if any (on page load); true when logged in. */
@@ -179,6 +239,13 @@ export class SessionClient extends EventTarget {
   }
 
   // -- tokens --------------------------------------------------------------------------------
+
+  async #start(path, body) {
+    const key = await this.#dpop?.generate(); // a new session, a new key
+    const granted = await this.#call(path, body, key);
+    if (key) await this.#dpop.keep(key, sessionOf(granted.access_token)); // before other tabs hear
+    await this.#adopt(granted, "login");
+  }
 
   async #refreshOnce(seen) {
     const before = await this.#markers();
@@ -498,6 +565,14 @@ export class SessionClient extends EventTarget {
   #emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+/** `url` without the parameters of a login answer (RFC 6749 §4.1.2, RFC 9207). */
+function withoutAnswer(url) {
+  const clean = new URL(url);
+  for (const name of ANSWER_PARAMETERS) clean.searchParams.delete(name);
+  clean.hash = "";
+  return clean.href;
 }
 
 function endReason(description = "") {
