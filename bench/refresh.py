@@ -67,9 +67,7 @@ SERVER_ENV = {
     "LEDGER_ABSOLUTE_TIMEOUT": "1d",
     # Every set-up login and the login figure come from one address: no per-address limit.
     "LEDGER_ADDRESS_LOGIN_LIMIT": "1000000",
-    "LEDGER_ISSUER": "https://ledger.bench",  # what DPoP proofs name in htu
 }
-TOKEN_URI = "https://ledger.bench/oauth/token"
 # Argon2 verification costs what the stored hash says: set-up logins use this cheap one.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -271,10 +269,12 @@ async def _session(conn: Connection, signer: DpopSigner | None = None) -> str:
 
 
 class DpopSigner:
-    """One client's ES256 DPoP key and `count` proofs for the token endpoint, signed up front;
-    once they are used up, each proof is signed when it is needed (counted in `late`)."""
+    """One client's ES256 DPoP key and `count` proofs for the token endpoint at `port` (whose
+    issuer `serve` makes its own address), signed up front; once they are used up, each proof is
+    signed when it is needed (counted in `late`)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, port: int, count: int) -> None:
+        self._uri = f"http://127.0.0.1:{port}/oauth/token"
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._jwk = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(self._key.public_key()))
         self._ready = [self._sign() for _ in range(count)]
@@ -290,7 +290,7 @@ class DpopSigner:
         claims = {
             "jti": uuid.uuid4().hex,
             "htm": "POST",
-            "htu": TOKEN_URI,
+            "htu": self._uri,
             "iat": int(time.time()),
         }
         headers = {"typ": "dpop+jwt", "jwk": self._jwk}
@@ -380,7 +380,7 @@ async def _refresh_load(
     server: Server, clients: int, name: str, seconds: float, proofs: int | None
 ) -> Result:
     with connections(server, clients) as conns:
-        signers = [None if proofs is None else DpopSigner(proofs) for _ in conns]
+        signers = [None if proofs is None else DpopSigner(server.port, proofs) for _ in conns]
         # One client at a time: a burst of connections tends to be accepted by a single worker.
         pairs = zip(conns, signers, strict=True)
         steps = [Refresher(await _session(conn, signer), signer) for conn, signer in pairs]
