@@ -11,8 +11,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
 -- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs, sessions.jkt.
--- 10: clients.dpop_bound. 11: clients.redirect_uris.
-INSERT INTO schema_version (version) VALUES (11) ON CONFLICT DO NOTHING;
+-- 10: clients.dpop_bound. 11: clients.redirect_uris. 12: events.recorded_at = clock_timestamp().
+INSERT INTO schema_version (version) VALUES (12) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
 CREATE TABLE IF NOT EXISTS events (
@@ -25,7 +25,9 @@ CREATE TABLE IF NOT EXISTS events (
     data           jsonb       NOT NULL,
     metadata       jsonb       NOT NULL DEFAULT '{}'::jsonb,
     occurred_at    timestamptz NOT NULL,
-    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    -- The moment of the insert, not now() (the transaction's start): an event whose occurred_at
+    -- was read inside the transaction must not look recorded before it happened.
+    recorded_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     -- The writing transaction: catch-up readers order by (tx_id, position) and stop below the
     -- oldest running transaction, so a late commit can never land behind a reader's checkpoint.
     tx_id          xid8        NOT NULL DEFAULT pg_current_xact_id(),
@@ -35,6 +37,18 @@ CREATE TABLE IF NOT EXISTS events (
 );
 
 -- (stream_id, version) is served by the unique constraint's index.
+-- Databases made before version 12 recorded now(). Altered only when it differs: ALTER TABLE
+-- locks the table, and this file runs at every start.
+DO $$
+BEGIN
+    IF (SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+          JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+         WHERE d.adrelid = 'events'::regclass AND a.attname = 'recorded_at')
+       IS DISTINCT FROM 'clock_timestamp()' THEN
+        ALTER TABLE events ALTER COLUMN recorded_at SET DEFAULT clock_timestamp();
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS events_catch_up_idx ON events (tx_id, position);
 CREATE INDEX IF NOT EXISTS events_type_time_idx ON events (type, occurred_at);
 CREATE INDEX IF NOT EXISTS events_time_idx ON events (occurred_at);

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ledger.errors import DatabaseUnavailable, LedgerError, StorageError
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 RUNTIME_ROLE = "session_ledger_runtime"
 """The least-privilege role schema.sql creates; the server acts as it (SET ROLE) at run time."""
 LOGIN_ROLE = "session_ledger_app"

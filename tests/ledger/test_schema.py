@@ -87,3 +87,17 @@ def test_duplicate_stream_version_is_refused_by_the_database(admin: Admin) -> No
     admin.execute(insert, (bytes(32), bytes(32)))
     with pytest.raises(pg_errors.UniqueViolation):
         admin.execute(insert, (bytes(32), bytes(32)))
+
+
+def test_a_database_from_before_version_12_records_the_insert_moment_after_upgrade(
+    db_url: str, admin: Admin
+) -> None:
+    default = (
+        "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a"
+        " ON a.attrelid = d.adrelid AND a.attnum = d.adnum"
+        " WHERE d.adrelid = 'events'::regclass AND a.attname = 'recorded_at'"
+    )
+    assert admin.execute(default).fetchone() == ("clock_timestamp()",)
+    admin.execute("ALTER TABLE events ALTER COLUMN recorded_at SET DEFAULT now()")
+    apply_schema(db_url)
+    assert admin.execute(default).fetchone() == ("clock_timestamp()",)

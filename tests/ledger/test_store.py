@@ -457,3 +457,15 @@ def test_count_counts_events_up_to_a_checkpoint_or_all(store: EventStore) -> Non
     assert store.count() == 3
     assert store.count(events[1].checkpoint) == 2
     assert store.count(START) == 0
+
+
+def test_an_event_is_never_recorded_before_it_occurred(store: EventStore, db_url: str) -> None:
+    """recorded_at is the insert's moment: an event whose time was read inside its transaction
+    (as a decision's is, under its row lock) is not recorded at the transaction's start."""
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        conn.execute("SELECT 1")  # the transaction, and now(), have begun
+        events = [SessionEnded(occurred_at=datetime.now(UTC), reason="logout") for _ in range(3)]
+        for n, event in enumerate(events):
+            store.append(session(7), n, [event], conn=conn)
+    for recorded in store.read_stream(session(7).id):
+        assert recorded.recorded_at >= recorded.occurred_at
