@@ -266,18 +266,36 @@ def main() -> None:
         print(f"PostgreSQL {version // 10000}.{version % 10000}, {os.cpu_count()} cores")
         with open_pool(url, min_size=8, max_size=8) as pool:
             store = EventStore(pool)
+            shares = []
             for concurrency in (1, 8):
                 raw = bench_raw_inserts(url, concurrency, args.appends, f"raw{concurrency}")
                 ours = bench_appends(store, concurrency, args.appends, f"app{concurrency}")
                 print(raw.line())
                 print(ours.line(raw))
+                shares.append((concurrency, ours.rate / raw.rate if raw.rate else 0.0))
             raw_copy = bench_raw_copy(url, args.bulk)
             print(raw_copy.line())
-            print(bench_bulk(store, args.bulk).line(raw_copy))
+            bulk = bench_bulk(store, args.bulk)
+            print(bulk.line(raw_copy))
             raw_select = bench_raw_select(url)
             print(raw_select.line())
-            print(bench_read_all(store, 10_000, decode=False).line(raw_select))
+            encoded = bench_read_all(store, 10_000, decode=False)
+            print(encoded.line(raw_select))
             print(bench_read_all(store, 10_000, decode=True).line(raw_select))
+    print()
+    for line in verdict(shares, encoded.rate, bulk.rate):
+        print(line)
+
+
+def verdict(shares: list[tuple[int, float]], read_rate: float, bulk_rate: float) -> list[str]:
+    """The targets of bench/README.md, each `met` or `MISSED` with what was measured."""
+    lines = [
+        target(share >= 0.7, f"append at least 70% of its baseline, {n} threads: {share:.0%}")
+        for n, share in shares
+    ]
+    lines.append(target(read_rate >= 200_000, f"read_all at least 200,000/s: {read_rate:,.0f}/s"))
+    lines.append(target(bulk_rate >= 50_000, f"bulk import at least 50,000/s: {bulk_rate:,.0f}/s"))
+    return lines
 
 
 if __name__ == "__main__":
