@@ -140,7 +140,9 @@ async def alerts(
     auditor: Auditor, request: Request, after: Position = 0, limit: Limit = 100
 ) -> JSONResponse:
     rows = await run_in_threadpool(_alerts, request, after, limit)
-    return JSONResponse({"alerts": rows}, headers=NO_STORE)
+    # The cursor of the next page: the last alert's position (the same `after` when none came).
+    body = {"alerts": rows, "next": rows[-1]["position"] if rows else after}
+    return JSONResponse(body, headers=NO_STORE)
 
 
 def event_body(event: RecordedEvent) -> dict[str, Any]:

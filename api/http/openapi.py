@@ -326,7 +326,10 @@ AUDIT_USER_RESPONSES: dict[int | str, Schema] = {
 AUDIT_ALERTS_RESPONSES: dict[int | str, Schema] = {
     200: _json(
         "security alerts after the cursor",
-        _object({"alerts": {"type": "array", "items": {"type": "object"}}}, ["alerts"]),
+        _object(
+            {"alerts": {"type": "array", "items": {"type": "object"}}, "next": {"type": "integer"}},
+            ["alerts", "next"],
+        ),
     ),
     **AUDIT_ERRORS,
 }

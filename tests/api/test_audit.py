@@ -164,8 +164,15 @@ def test_alerts_after_reuse_and_lockout(
     for _ in range(5):
         live.post("/oauth/token", data=bad)
     run_projections(live, pool)
-    alerts = live.get("/audit/alerts", headers=auditor).json()["alerts"]
+    page = live.get("/audit/alerts", headers=auditor).json()
+    alerts = page["alerts"]
     assert [a["kind"] for a in alerts] == ["reuse_detected", "lockout"]
+    assert page["next"] == alerts[-1]["position"]
+    first = live.get("/audit/alerts", params={"limit": 1}, headers=auditor).json()
+    rest = live.get("/audit/alerts", params={"after": first["next"]}, headers=auditor).json()
+    assert first["alerts"] + rest["alerts"] == alerts
+    past = live.get("/audit/alerts", params={"after": page["next"]}, headers=auditor).json()
+    assert past == {"alerts": [], "next": page["next"]}
     assert alerts[0]["session_id"] == sid_of(tokens)
     assert alerts[0]["details"]["presented_generation"] == 1
     assert alerts[1]["user_name"] == "bob"
