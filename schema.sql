@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- 2: login_throttle. 3: events_append_refused. 4: clients_changed, signing_keys_changed.
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
 -- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs, sessions.jkt.
--- 10: clients.dpop_bound. 11: clients.redirect_uris. 12: events.recorded_at = clock_timestamp().
+-- 10: clients.dpop_bound. 11: clients.redirect_uris. 12: events.recorded_at = clock_timestamp();
+-- address_failures.names.
 INSERT INTO schema_version (version) VALUES (12) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
@@ -270,6 +271,7 @@ CREATE TABLE IF NOT EXISTS address_failures (
     recent        timestamptz[] NOT NULL,
     alerted_until timestamptz
 );
+ALTER TABLE address_failures ADD COLUMN IF NOT EXISTS names text[] NOT NULL DEFAULT '{}';
 
 -- The per-address login rate limit (api/throttle.py): when each address's bucket is full again.
 -- Not an event log: rows are replaced on every attempt and deleted once their time has passed.

@@ -195,6 +195,8 @@ class AddressFailures:
     ip: str
     recent: tuple[datetime, ...] = ()
     alerted_until: datetime | None = None
+    names: tuple[str, ...] = ()
+    """The user name each of `recent` was for (rows from before it was kept have none)."""
 
 
 def failing_addresses(events: Iterable[RecordedEvent]) -> set[str]:
@@ -250,16 +252,26 @@ def alert_for(
 def _burst(recorded: RecordedEvent, ip: str, addresses: dict[str, AddressFailures]) -> Alert | None:
     at = recorded.occurred_at
     row = addresses.get(ip) or AddressFailures(ip)
-    recent = tuple(t for t in (*row.recent, at) if at - t < BURST_WINDOW)[-BURST_FAILURES:]
+    unnamed = ("",) * (len(row.recent) - len(row.names))
+    failures = [
+        *zip(row.recent, (*unnamed, *row.names), strict=True),
+        (at, principal_name_of(recorded.stream_id)),
+    ]
+    kept = [(t, n) for t, n in failures if at - t < BURST_WINDOW][-BURST_FAILURES:]
+    recent, names = tuple(t for t, _ in kept), tuple(n for _, n in kept)
     quiet = row.alerted_until is None or at >= row.alerted_until
     if len(recent) < BURST_FAILURES or not quiet:
-        addresses[ip] = dataclasses.replace(row, recent=recent)
+        addresses[ip] = dataclasses.replace(row, recent=recent, names=names)
         return None
-    addresses[ip] = AddressFailures(ip, recent, at + BURST_WINDOW)
+    addresses[ip] = AddressFailures(ip, recent, at + BURST_WINDOW, names)
+    tried = sorted({n for n in names if n})
     details: dict[str, JsonValue] = {
         "failures": len(recent),
         "window_seconds": int(BURST_WINDOW.total_seconds()),
         "since": format_timestamp(recent[0]),
+        "user_names": list(tried),
     }
-    name = principal_name_of(recorded.stream_id)
-    return Alert(recorded.position, "failure_burst", at, name, None, ip, details)
+    # Filed under a user only when it is the only one tried; a spray across names is the
+    # address's, and names them all in its details.
+    user = tried[0] if len(tried) == 1 else None
+    return Alert(recorded.position, "failure_burst", at, user, None, ip, details)

@@ -180,3 +180,34 @@ def test_a_failure_without_an_address_counts_toward_no_burst() -> None:
     for _ in range(BURST_FAILURES):
         assert alert_for(failed("ada", T0, ip=None), {}, addresses) is None
     assert addresses == {}
+
+
+def test_a_burst_across_several_user_names_is_filed_under_none_and_names_them_all() -> None:
+    addresses: dict[str, AddressFailures] = {}
+    names = ["ada", "bob", "carol", "ada", "dave"] * 2
+    alerts = [
+        alert_for(failed(name, T0 + timedelta(seconds=n)), {}, addresses)
+        for n, name in enumerate(names)
+    ]
+    *quiet, alert = alerts
+    assert quiet == [None] * 9
+    assert alert is not None
+    assert alert.user_name is None
+    assert alert.details["user_names"] == ["ada", "bob", "carol", "dave"]
+
+
+def test_a_burst_on_one_user_name_is_filed_under_it() -> None:
+    addresses: dict[str, AddressFailures] = {}
+    *_, alert = [
+        alert_for(failed("ada", T0 + timedelta(seconds=n)), {}, addresses) for n in range(10)
+    ]
+    assert alert is not None
+    assert (alert.user_name, alert.details["user_names"]) == ("ada", ["ada"])
+
+
+def test_a_row_kept_before_names_were_counts_its_failures_without_names() -> None:
+    old = AddressFailures("192.0.2.1", tuple(T0 + timedelta(seconds=n) for n in range(9)))
+    addresses = {"192.0.2.1": old}
+    alert = alert_for(failed("ada", T0 + timedelta(seconds=9)), {}, addresses)
+    assert alert is not None
+    assert (alert.user_name, alert.details["failures"]) == ("ada", 10)
