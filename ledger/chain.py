@@ -91,6 +91,8 @@ class ChainChecker:
 
     def __init__(self) -> None:
         self.broken: list[BrokenLink] = []
+        self.events = 0
+        self.streams = 0
         self._stream: str | None = None
         self._version = 0
         self._hash = GENESIS
@@ -98,9 +100,11 @@ class ChainChecker:
 
     def check(self, envelope: Envelope, prev_hash: bytes, stored_hash: bytes) -> None:
         """Check one stored event against the chain so far."""
+        self.events += 1
         if envelope.stream_id != self._stream:
             self._stream, self._version, self._hash = envelope.stream_id, 0, GENESIS
             self._stream_broken = False
+            self.streams += 1
         if not self._stream_broken:
             self._check_link(envelope, prev_hash, stored_hash)
         self._version, self._hash = envelope.version, stored_hash

@@ -327,6 +327,10 @@ class EventStore:
 
     def verify(self) -> list[BrokenLink]:
         """Recompute every stream's hash chain; return each broken stream's first broken link."""
+        return self.check_chains().broken
+
+    def check_chains(self) -> ChainChecker:
+        """Recompute every stream's hash chain: the checker, with what it counted and found."""
         checker = ChainChecker()
         with (
             translated_errors(),
@@ -338,7 +342,7 @@ class EventStore:
             for row in cursor.execute(_CHAIN):
                 *fields, prev_hash, stored = row
                 checker.check(Envelope.of(*fields), bytes(prev_hash), bytes(stored))
-        return checker.broken
+        return checker
 
     def import_events(self, records: Iterable[ImportRecord]) -> int:
         """Bulk-append stored-form events with COPY, continuing each stream's versions and chain.

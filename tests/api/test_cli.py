@@ -43,9 +43,11 @@ def run(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.Complete
 
 def test_verify_exits_0_when_every_chain_holds(store: EventStore, db_url: str) -> None:
     store.append(Stream("s-1", "session"), 0, [ActivityRecorded(occurred_at=T0)])
+    store.append(Stream("s-1", "session"), 1, [ActivityRecorded(occurred_at=T0)])
+    store.append(Stream("s-2", "session"), 0, [ActivityRecorded(occurred_at=T0)])
     result = run("verify", env={"LEDGER_DATABASE_URL": db_url})
     assert result.returncode == 0, result.stderr
-    assert "every hash chain holds" in result.stdout
+    assert result.stdout == "every hash chain holds: 3 event(s) in 2 stream(s) checked\n"
 
 
 def test_verify_exits_1_naming_a_tampered_stream_and_version(
@@ -74,6 +76,7 @@ def test_verify_exits_1_naming_a_tampered_stream_and_version(
     assert f"expected {recomputed.hex()}, found {written.hex()}" in line
     assert recomputed != written
     assert "s-1" not in result.stdout
+    assert "3 event(s) in 2 stream(s) checked; 1 have a broken hash chain" in result.stderr
 
 
 def test_bad_database_url_exits_2_with_one_clear_line() -> None:
