@@ -209,5 +209,5 @@ def _read_secret(what: str, *, from_stdin: bool) -> str:
         value = typer.prompt(f"{what.capitalize()}", hide_input=True, confirmation_prompt=True)
     if not value:
         typer.echo(f"session-ledger: the {what} is empty", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(1)  # as every account that cannot be made as asked (README)
     return value

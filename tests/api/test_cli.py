@@ -261,6 +261,7 @@ def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
     ("args", "message"),
     [
         (("clients", "add", "spa", "--grant", "implicit"), "grants must be some of"),
+        (("users", "add", "eve", "--password-stdin"), "the password is empty"),
         (("clients", "add", "web"), "needs at least one --redirect-uri"),
         (("clients", "add", "web", "--redirect-uri", "http://app.test/cb"), "must use https"),
         (("clients", "add", "web", "--redirect-uri", "https://app.test/cb#x"), "fragment"),
@@ -272,7 +273,8 @@ def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
 def test_bad_account_input_is_refused_clearly(
     db_url: str, args: tuple[str, ...], message: str
 ) -> None:
-    result = run(*args, env={"LEDGER_DATABASE_URL": db_url}, stdin="password\n")
+    stdin = "\n" if "eve" in args else "password\n"
+    result = run(*args, env={"LEDGER_DATABASE_URL": db_url}, stdin=stdin)
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
