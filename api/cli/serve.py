@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import signal
 import tempfile
+from datetime import timedelta
 from typing import Annotated
 
 import typer
@@ -63,7 +65,7 @@ def serve(
         if demo:
             with open_pool(owner_url, max_size=1) as pool:  # accounts are the owner's to write
                 _create_demo_accounts(Accounts(pool), base)
-            typer.echo(demo_walkthrough(base))
+            typer.echo(demo_walkthrough(base, settings.policy.refresh_grace))
     # Workers are separate processes: they find the database (embedded or not) in the environment.
     os.environ["LEDGER_DATABASE_URL"] = url
     os.environ.setdefault("LEDGER_ISSUER", base)
@@ -137,15 +139,20 @@ def _create_demo_accounts(accounts: Accounts, base: str) -> None:
         accounts.widen_client(DEMO_CLIENT, DEMO_GRANTS, redirect_uris)
 
 
-def demo_walkthrough(base: str) -> str:
-    """Curl commands that log in, call a protected endpoint, refresh, and replay a spent token."""
+def demo_walkthrough(base: str, grace: timedelta = timedelta(seconds=10)) -> str:
+    """Curl commands that log in, call a protected endpoint, refresh, and replay a spent token
+    (after the refresh `grace`); then a script for the authorization code with PKCE."""
+    seconds = math.ceil(grace.total_seconds())
     return f"""Demo user {DEMO_USER!r} (password {DEMO_PASSWORD!r}), public client {DEMO_CLIENT!r}.
 
-# 1. Log in; keep the tokens:
+# 1. Log in; keep the tokens in a file only you can read (mktemp makes it so):
+TOKENS=$(mktemp)
 curl -s {base}/oauth/token -d grant_type=password -d client_id={DEMO_CLIENT} \\
-     -d username={DEMO_USER} -d password={DEMO_PASSWORD} | tee /tmp/tokens.json
-ACCESS=$(python3 -c 'import json; print(json.load(open("/tmp/tokens.json"))["access_token"])')
-REFRESH=$(python3 -c 'import json; print(json.load(open("/tmp/tokens.json"))["refresh_token"])')
+     -d username={DEMO_USER} -d password={DEMO_PASSWORD} > "$TOKENS"
+READ='import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])'
+ACCESS=$(python3 -c "$READ" "$TOKENS" access_token)
+REFRESH=$(python3 -c "$READ" "$TOKENS" refresh_token)
+rm "$TOKENS"
 
 # 2. List your sessions with the access token:
 curl -s {base}/sessions -H "Authorization: Bearer $ACCESS"
@@ -154,9 +161,10 @@ curl -s {base}/sessions -H "Authorization: Bearer $ACCESS"
 curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
      -d refresh_token="$REFRESH"
 
-# 4. Within 10 seconds (LEDGER_REFRESH_GRACE) the old token is taken for a retry and gets the
-#    same successor; after that, replaying it is theft and revokes the session:
-sleep 11; curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
+# 4. Within {seconds} seconds (LEDGER_REFRESH_GRACE) the old token is taken for a retry and gets
+#    the same successor; after that, replaying it is theft and revokes the session:
+sleep {seconds + 1}
+curl -s {base}/oauth/token -d grant_type=refresh_token -d client_id={DEMO_CLIENT} \\
      -d refresh_token="$REFRESH"
 
 # 5. The authorization code with PKCE: the app sends the user to this server's login page and
