@@ -45,16 +45,15 @@ def project(
                         status = "busy in another runner" if done is None else f"{done:,} applied"
                         typer.echo(f"{projection.name}: {status}; {behind.events:,} behind")
                 return
-            signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+            # SIGINT too, whatever it was: a shell starts a background job (`project &`) with
+            # SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+            for stop in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(stop, lambda *_: runner.stop())
             typer.echo("projecting; Ctrl-C stops", err=True)
             worker = threading.Thread(target=runner.run, daemon=True)
             worker.start()
-            try:
-                while worker.is_alive():
-                    worker.join(timeout=0.5)
-            except KeyboardInterrupt:
-                runner.stop()
-                worker.join(timeout=10)
+            while worker.is_alive():
+                worker.join(timeout=0.5)
 
 
 @history.command()

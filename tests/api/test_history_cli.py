@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from datetime import timedelta
 
 import jwt
@@ -9,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.api.conftest import LiveServer
-from tests.api.test_cli import run
+from tests.api.test_cli import EXECUTABLE, run
 
 Admin = psycopg.Connection[tuple[object, ...]]
 
@@ -120,3 +123,27 @@ def test_replay_what_if(live: LiveServer, history: dict[str, str]) -> None:
     bad = run("replay", "--what-if", "sleepy=5m", env=env)
     assert bad.returncode == 2
     assert "expected NAME=DURATION" in bad.stderr
+
+
+@pytest.mark.slow
+def test_project_started_in_the_background_stops_on_sigint(db_url: str) -> None:
+    """A shell starts a background job with SIGINT ignored; `project` stops on it all the same."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    process = subprocess.Popen(
+        [EXECUTABLE, "project"],
+        env={**clean, "LEDGER_DATABASE_URL": db_url},
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert process.stderr is not None
+        assert "projecting; Ctrl-C stops" in process.stderr.readline()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        assert process.stderr is not None
+        process.stderr.close()
