@@ -10,9 +10,11 @@ writers are held back only during the final catch-up and swap.
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -21,6 +23,7 @@ from psycopg.rows import TupleRow
 
 from ledger.db import translated_errors
 from ledger.records import START, Checkpoint, RecordedEvent
+from ledger.serialization import format_timestamp
 from ledger.store import EventStore
 from projections.sql.catalog import Projection, Rebuilder
 from projections.sql.runner import checkpoint, lock_key, set_checkpoint
@@ -39,14 +42,35 @@ class Drift:
     rebuilt: dict[str, Any] | None
 
     def __str__(self) -> str:
-        key = ", ".join(str(k) for k in self.key)
+        key = ", ".join(_readable(k) for k in self.key)
         if self.live is None:
-            return f"{self.table} [{key}]: missing from the live table; rebuilt {self.rebuilt}"
+            return (
+                f"{self.table} [{key}]: missing from the live table; rebuilt {_row(self.rebuilt)}"
+            )
         if self.rebuilt is None:
-            return f"{self.table} [{key}]: not produced by the events; live {self.live}"
+            return f"{self.table} [{key}]: not produced by the events; live {_row(self.live)}"
         changed = {c: (v, self.rebuilt[c]) for c, v in self.live.items() if self.rebuilt[c] != v}
-        text = "; ".join(f"{c}: live {a!r}, rebuilt {b!r}" for c, (a, b) in changed.items())
+        text = "; ".join(
+            f"{c}: live {_readable(a)}, rebuilt {_readable(b)}" for c, (a, b) in changed.items()
+        )
         return f"{self.table} [{key}]: {text}"
+
+
+def _row(row: dict[str, Any] | None) -> str:
+    return "(none)" if row is None else ", ".join(f"{c}={_readable(v)}" for c, v in row.items())
+
+
+def _readable(value: Any) -> str:
+    """A column value as a person reads it: times in RFC 3339 UTC, JSON as JSON."""
+    if value is None:
+        return "null"
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return format_timestamp(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_readable(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value)
 
 
 def rebuild(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -310,3 +310,22 @@ def is_waiting(admin: Admin, pid: int) -> bool:
         "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
     ).fetchone()
     return row is not None and row[0] == "Lock"
+
+
+def test_a_drift_reads_as_text_not_as_python() -> None:
+    at = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    changed = Drift(
+        "sessions",
+        ("s-1",),
+        {"generation": 99, "last_activity": at, "scope": ["profile"], "ended_at": None},
+        {"generation": 3, "last_activity": at, "scope": ["profile", "email"], "ended_at": at},
+    )
+    assert str(changed) == (
+        "sessions [s-1]: generation: live 99, rebuilt 3; scope: live [profile], rebuilt"
+        " [profile, email]; ended_at: live null, rebuilt 2026-03-01T09:00:00.000000Z"
+    )
+    missing = Drift("alerts", (7,), None, {"kind": "lockout", "details": {"failures": 5}})
+    assert str(missing) == (
+        'alerts [7]: missing from the live table; rebuilt kind=lockout, details={"failures":5}'
+    )
+    assert "datetime.datetime" not in str(Drift("t", ("k",), {"at": at}, None))
