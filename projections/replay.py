@@ -49,12 +49,18 @@ def as_of(
 
 
 def judge(state: SessionState, moment: datetime, policy: Policy) -> PointInTime:
-    """The session's status and idle time at `moment`, given its state by then."""
+    """The session's status and idle time at `moment`, given its state by then. Idle time
+    stops counting when the session ends: at its recorded end, or at the expiry it had
+    reached by `moment` though none was recorded yet."""
     outcome = session.status(state, moment, policy)
     status = "valid" if outcome is Outcome.OK else outcome.value
     if outcome is Outcome.ENDED and state.end_reason in EXPIRY_REASONS:
         status = state.end_reason  # a recorded expiry reads the same as one not yet recorded
-    return PointInTime(state.session_id, moment, state, status, session.idle_for(state, moment))
+    end = state.ended_at
+    if end is None and outcome is not Outcome.OK:
+        end, _ = session.expiry(state, policy)
+    frozen = moment if end is None else min(moment, end)
+    return PointInTime(state.session_id, moment, state, status, session.idle_for(state, frozen))
 
 
 @dataclass(frozen=True)

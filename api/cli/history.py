@@ -16,7 +16,7 @@ from api.cli.support import failures_exit_2, parse_time, prepare_database, sessi
 from api.settings import Settings
 from ledger.db import open_pool
 from ledger.store import EventStore
-from projections.replay import PointInTime, as_of, parse_policy_changes, what_if
+from projections.replay import Change, PointInTime, as_of, parse_policy_changes, what_if
 from projections.sql.catalog import CATCH_UP, PROJECTIONS
 from projections.sql.inline import user_sessions
 from projections.sql.rebuild import rebuild as rebuild_projection
@@ -168,7 +168,10 @@ def _replay_as_of(
             ids = [s.session_id for s in user_sessions(conn, user, 10_000)]
     for sid in ids:
         events = [r.event for r in store.read_stream(session_stream_id(sid))]
-        typer.echo(describe(as_of(sid, events, moment, settings.policy)))
+        view = as_of(sid, events, moment, settings.policy)
+        if view.state is None and user is not None:
+            continue  # the user's sessions that start later were not there at that moment
+        typer.echo(describe(view))
 
 
 def describe(view: PointInTime) -> str:
@@ -196,10 +199,17 @@ def _replay_what_if(store: EventStore, settings: Settings, changes: str, since: 
         f"{report.sessions:,} sessions replayed: {len(report.earlier):,} would have ended earlier,"
         f" {len(report.later):,} later"
     )
+    now = datetime.now(UTC)
     for label, changes_ in (("earlier", report.earlier), ("later", report.later)):
         for change in changes_:
-            typer.echo(
-                f"{label}: {change.session_id} ({change.user}) actual {change.actual.reason} at"
-                f" {change.actual.at.isoformat()}, what-if {change.what_if.reason} at"
-                f" {change.what_if.at.isoformat()}"
-            )
+            typer.echo(change_line(label, change, now))
+
+
+def change_line(label: str, change: Change, now: datetime) -> str:
+    """One session the what-if changes; an actual end still to come is `projected`."""
+    actual = "actual" if change.actual.at <= now else "projected"
+    return (
+        f"{label}: {change.session_id} ({change.user}) {actual} {change.actual.reason} at"
+        f" {change.actual.at.isoformat()}, what-if {change.what_if.reason} at"
+        f" {change.what_if.at.isoformat()}"
+    )

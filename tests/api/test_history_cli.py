@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import jwt
 import psycopg
 import pytest
 
+from api.cli.history import change_line
+from projections.replay import Change, Ending
 from tests.api.conftest import LiveServer
 from tests.api.test_cli import EXECUTABLE, run
 
@@ -107,6 +109,27 @@ def test_replay_as_of_shows_a_session_through_its_life(
     assert f"{sid}: valid; user bob; idle 300s; generation 1" in at("2026-03-01T09:10:00")
     assert f"{sid}: valid; user bob; idle 1740s" in at("2026-03-01T09:34:00Z")
     assert f"{sid}: idle_timeout" in at("2026-03-01T09:35:00Z")
+    # Idle time stops at the end: the 30 minutes it took, however much later one looks.
+    assert f"{sid}: idle_timeout; user bob; idle 1800s" in at("2026-03-01T12:00:00Z")
+
+
+def test_replay_as_of_for_a_user_leaves_out_the_sessions_that_start_later(
+    live: LiveServer, history: dict[str, str]
+) -> None:
+    result = run("replay", "--as-of", "2026-03-01T09:02:00Z", "--user", "ada", env=cli_env(live))
+    assert result.returncode == 0, result.stderr
+    assert history["first"] in result.stdout
+    assert history["third"] not in result.stdout  # it started at 09:10
+    assert "not started" not in result.stdout
+
+
+def test_a_what_if_end_still_to_come_is_projected_not_actual() -> None:
+    at = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    change = Change("s-1", "ada", Ending(at, "idle_timeout"), Ending(at, "idle_timeout"))
+    assert " actual idle_timeout at 2026-03-01T09:00:00+00:00" in change_line(
+        "earlier", change, at + timedelta(seconds=1)
+    )
+    assert " projected idle_timeout at" in change_line("earlier", change, at - timedelta(hours=1))
 
 
 def test_replay_what_if(live: LiveServer, history: dict[str, str]) -> None:
