@@ -12,9 +12,11 @@ from api.cli.progress import ProgressBar
 from api.cli.support import failures_exit_2, parse_time, prepare_database
 from api.settings import Settings
 from ledger.db import open_pool
-from ledger.errors import InvalidImport, SerializationError
+from ledger.errors import InvalidImport, LedgerError, SerializationError
 from ledger.export import ExportFilter, ExportFormat, export_events, import_jsonl
 from ledger.store import EventStore
+from projections.sql.catalog import PROJECTIONS
+from projections.sql.rebuild import rebuild as rebuild_projection
 
 events_app = typer.Typer()
 
@@ -92,13 +94,33 @@ def import_(
         bool, typer.Option("--append", help="Import into a ledger that already holds events.")
     ] = False,
 ) -> None:
-    """Load an exported JSONL file, keeping versions and hash chains; writes nothing on failure."""
+    """Load an exported JSONL file, keeping versions and hash chains; writes nothing on failure.
+    Then rebuild every projection from the events, so that sessions and summaries match them.
+    Accounts (users, clients) and keys are not in an export: create them again."""
     with failures_exit_2():
         url = prepare_database(Settings.from_env())
-        with open_pool(url, max_size=1) as pool:
+        with open_pool(url, max_size=2) as pool:
             try:
                 count = import_jsonl(pool, file, append=append)
             except (InvalidImport, SerializationError) as e:
                 typer.echo(f"session-ledger: {file}: {e}; nothing was imported", err=True)
                 raise typer.Exit(1) from None
-    typer.echo(f"imported {count} events from {file}")
+            typer.echo(f"imported {count} events from {file}")
+            store = EventStore(pool)
+            for projection in PROJECTIONS.values():
+                try:
+                    rebuild_projection(url, store, projection)
+                except (ValueError, LedgerError) as e:  # events no projection can read
+                    typer.echo(
+                        f"session-ledger: the events are imported, but rebuilding"
+                        f" {projection.name} failed: {e}; run `session-ledger rebuild` once"
+                        " the cause is fixed",
+                        err=True,
+                    )
+                    raise typer.Exit(1) from None
+            typer.echo(f"rebuilt the projections: {', '.join(PROJECTIONS)}")
+    typer.echo(
+        "accounts (users, clients) and keys are not part of an export: create them on this"
+        " database; tokens signed by the old server's keys do not verify here",
+        err=True,
+    )

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 
 from ledger.db import open_pool
-from ledger.events import SessionEnded
+from ledger.events import LoginFailed
 from ledger.store import EventStore, Stream
 from tests.api.test_cli import run
 from tests.ledger.test_export import T0, stored_rows, write_history
@@ -37,10 +38,17 @@ def test_export_then_import_into_an_empty_database_then_verify_passes(
     env = {"LEDGER_DATABASE_URL": empty_db_url}
     result = run("import", str(exported), env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"imported 10 events from {exported}"
+    assert result.stdout.startswith(f"imported 10 events from {exported}\nrebuilt the projections")
+    assert "accounts (users, clients) and keys are not part of an export" in result.stderr
     verified = run("verify", env=env)
     assert verified.returncode == 0, verified.stderr
     assert "every hash chain holds" in verified.stdout
+    # The projections came with it: nothing to rebuild, and the sessions are there.
+    checked = run("rebuild", "--check", env=env)
+    assert checked.returncode == 0, checked.stdout
+    assert "sessions: 0 row(s) differ" in checked.stdout
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (2,)
     hashes = [row["hash"] for row in stored_rows(empty_db_url)]
     assert hashes == [row["hash"] for row in stored_rows(db_url)]
 
@@ -58,8 +66,8 @@ def test_export_parquet_with_filters_reads_back(
     assert result.returncode == 0, result.stderr
     rows = pq.read_table(path).to_pylist()
     assert [(r["stream_id"], r["version"], r["type"]) for r in rows] == [
-        ("session-2", 1, "SessionStarted"),
-        ("session-2", 4, "SessionEnded"),
+        ("session:s-2", 1, "SessionStarted"),
+        ("session:s-2", 4, "SessionEnded"),
     ]
 
 
@@ -119,7 +127,7 @@ def test_import_of_a_tampered_file_exits_1_and_writes_nothing(
     exported.write_text("\n".join(lines) + "\n", "utf-8")
     result = run("import", str(exported), env={"LEDGER_DATABASE_URL": empty_db_url})
     assert result.returncode == 1
-    assert "stream 'session-1' version 2: the recomputed hash" in result.stderr
+    assert "stream 'session:s-1' version 2: the recomputed hash" in result.stderr
     assert "nothing was imported" in result.stderr
     assert stored_rows(empty_db_url) == []
 
@@ -137,9 +145,8 @@ def test_import_refuses_a_ledger_with_events_unless_appending(
     exported: Path, db_url: str, empty_db_url: str
 ) -> None:
     with open_pool(empty_db_url, max_size=1) as pool:
-        EventStore(pool).append(
-            Stream("other", "session"), 0, [SessionEnded(occurred_at=T0, reason="x")]
-        )
+        failed = LoginFailed(occurred_at=T0, reason="wrong_password", ip=None, user_agent=None)
+        EventStore(pool).append(Stream("principal:other", "principal"), 0, [failed])
     env = {"LEDGER_DATABASE_URL": empty_db_url}
     refused = run("import", str(exported), env=env)
     assert refused.returncode == 1
@@ -155,5 +162,21 @@ def test_import_appending_streams_that_exist_exits_1_and_writes_nothing(
 ) -> None:
     again = run("import", str(exported), "--append", env={"LEDGER_DATABASE_URL": db_url})
     assert again.returncode == 1
-    assert "stream 'session-1': version 1 cannot follow version 4" in again.stderr
+    assert "stream 'session:s-1': version 1 cannot follow version 4" in again.stderr
     assert len(stored_rows(db_url)) == 10
+
+
+def test_an_import_whose_events_no_projection_can_read_says_so(
+    store: EventStore, tmp_path: Path, empty_db_url: str, db_url: str
+) -> None:
+    store.append(Stream("odd", "session"), 0, [LoginFailed(occurred_at=T0, reason="x", ip=None,
+                                                           user_agent=None)])  # fmt: skip
+    path = tmp_path / "odd.jsonl"
+    exported = run(
+        "export", "--format", "jsonl", "-o", str(path), env={"LEDGER_DATABASE_URL": db_url}
+    )
+    assert exported.returncode == 0, exported.stderr
+    result = run("import", str(path), env={"LEDGER_DATABASE_URL": empty_db_url})
+    assert result.returncode == 1
+    assert "the events are imported, but rebuilding sessions failed" in result.stderr
+    assert "Traceback" not in result.stderr

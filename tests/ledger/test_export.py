@@ -66,7 +66,7 @@ Row = dict[str, Any]
 def write_history(store: EventStore, sessions: int = 3) -> int:
     """Sessions with every kind of payload, and a principal stream; returns the event count."""
     for n in range(1, sessions + 1):
-        stream, at = Stream(f"session-{n}", "session"), T0 + timedelta(hours=n)
+        stream, at = Stream(f"session:s-{n}", "session"), T0 + timedelta(hours=n)
         meta = {"ip": "192.0.2.7", "user_agent": AGENT, "request": {"id": f"r-{n}", "n": [1, 2]}}
         started = SessionStarted(
             occurred_at=at, user="ada", client_id="spa", scope=("read",),
@@ -86,7 +86,7 @@ def write_history(store: EventStore, sessions: int = 3) -> int:
         store.append(stream, 2, [reuse, ended])
     failed = LoginFailed(occurred_at=T0, reason="bad password", ip=None, user_agent=AGENT)
     locked = PrincipalLocked(occurred_at=T0, until=T0 + timedelta(minutes=15), failures=5)
-    store.append(Stream("ada", "principal"), 0, [failed, locked], {"ip": "198.51.100.1"})
+    store.append(Stream("principal:ada", "principal"), 0, [failed, locked], {"ip": "198.51.100.1"})
     return 4 * sessions + 2
 
 
@@ -260,9 +260,9 @@ def test_filters_select_by_time_and_type(
     rows = read_back(path, fmt)
     got = [(r["stream_id"], r["version"], r["type"]) for r in rows]
     assert got == [
-        ("session-2", 1, "SessionStarted"),
-        ("session-2", 2, "RefreshTokenRotated"),
-        ("session-3", 1, "SessionStarted"),  # `since` is inclusive; until is exclusive
+        ("session:s-2", 1, "SessionStarted"),
+        ("session:s-2", 2, "RefreshTokenRotated"),
+        ("session:s-3", 1, "SessionStarted"),  # `since` is inclusive; until is exclusive
     ]
 
 
@@ -334,7 +334,7 @@ def test_export_lists_each_stream_in_version_order(
 ) -> None:
     # Interleaved streams; the ledger refuses a version from an older transaction
     # (test_store.py), so position, transaction and version order agree within a stream.
-    first, second = Stream("session-1", "session"), Stream("session-2", "session")
+    first, second = Stream("session:s-1", "session"), Stream("session:s-2", "session")
     for version in range(3):
         for stream in (first, second):
             store.append(stream, version, [SessionEnded(occurred_at=T0, reason=f"{version}")])
@@ -364,7 +364,7 @@ def test_a_tampered_export_is_refused_naming_stream_and_version(
     lines[7] = json.dumps(row)
     path = tmp_path / "tampered.jsonl"
     path.write_text("\n".join(lines) + "\n", "utf-8")
-    with pytest.raises(InvalidImport, match="stream 'session-2' version 4: the recomputed hash"):
+    with pytest.raises(InvalidImport, match="stream 'session:s-2' version 4: the recomputed hash"):
         import_jsonl(empty_pool, path)
     assert stored_rows(empty_db_url) == []
 
@@ -421,7 +421,7 @@ def test_read_jsonl_streams_records_with_their_hashes(
     first = next(records)
     assert first.hash == bytes.fromhex(json.loads(lines[0])["hash"])
     assert (first.stream_id, first.version, first.occurred_at) == (
-        "session-1",
+        "session:s-1",
         1,
         T0 + timedelta(hours=1),
     )
