@@ -79,6 +79,10 @@ class Settings:
     dpop_mismatch_revokes: bool = False
     """Whether a bound session's refresh without its key's proof also ends the session
     (LEDGER_DPOP_MISMATCH_REVOKES); it is always refused and recorded."""
+    min_password_length: int = 12
+    """The fewest characters `users add` and `users set-password` accept
+    (LEDGER_MIN_PASSWORD_LENGTH; NIST SP 800-63B asks for at least 8, 15 without a second
+    factor)."""
     code_lifetime: timedelta = timedelta(seconds=60)
     """How long an authorization code may be redeemed (LEDGER_AUTHORIZATION_CODE_TTL)."""
     signal_push_timeout: timedelta = timedelta(seconds=5)
@@ -167,6 +171,7 @@ class Settings:
             dpop_window=_duration(env, "LEDGER_DPOP_WINDOW", DEFAULT_WINDOW),
             dpop_nonce=_flag(env, "LEDGER_DPOP_NONCE", False),
             dpop_mismatch_revokes=_flag(env, "LEDGER_DPOP_MISMATCH_REVOKES", False),
+            min_password_length=_count(env, "LEDGER_MIN_PASSWORD_LENGTH", 12, 1024),
             code_lifetime=_duration(env, "LEDGER_AUTHORIZATION_CODE_TTL", timedelta(seconds=60)),
             signal_push_timeout=_duration(env, "LEDGER_SIGNAL_PUSH_TIMEOUT", timedelta(seconds=5)),
             signal_long_poll=_duration(env, "LEDGER_SIGNAL_LONG_POLL", timedelta(seconds=10)),

@@ -43,8 +43,9 @@ def users_add(
         list[str] | None, typer.Option("--scope", help="A scope the user holds; repeat for more.")
     ] = None,
 ) -> None:
-    """Create a user; the password is prompted for unless --password-stdin is given."""
-    password = _read_secret("password", from_stdin=password_stdin)
+    """Create a user; the password is prompted for unless --password-stdin is given. It needs
+    at least LEDGER_MIN_PASSWORD_LENGTH characters (12 by default)."""
+    password = _read_password(from_stdin=password_stdin)
     with failures_exit_2(), _accounts() as accounts:
         accounts.add_user(name, password, tuple(scope or ()))
     typer.echo(f"user {name} created")
@@ -64,8 +65,9 @@ def users_set_password(
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Replace a user's password and end all their sessions (PasswordChanged, then SessionEnded
-    password_changed); the password is prompted for unless --password-stdin is given."""
-    password = _read_secret("password", from_stdin=password_stdin)
+    password_changed); the password is prompted for unless --password-stdin is given. It needs
+    at least LEDGER_MIN_PASSWORD_LENGTH characters (12 by default)."""
+    password = _read_password(from_stdin=password_stdin)
     with failures_exit_2(), _user_changes() as changes:
         ended = changes.set_password(name, password)
     typer.echo(f"password of {name} replaced; {sessions_count(ended)} ended")
@@ -200,6 +202,20 @@ def _accounts(*, secret_key: bool = False) -> Iterator[Accounts]:
         except AccountError as e:
             typer.echo(f"session-ledger: {e}", err=True)
             raise typer.Exit(1) from None
+
+
+def _read_password(*, from_stdin: bool) -> str:
+    password = _read_secret("password", from_stdin=from_stdin)
+    with failures_exit_2():
+        least = Settings.from_env().min_password_length
+    if len(password) < least:
+        typer.echo(
+            f"session-ledger: the password has {len(password)} characters; at least {least}"
+            " are needed (LEDGER_MIN_PASSWORD_LENGTH)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    return password
 
 
 def _read_secret(what: str, *, from_stdin: bool) -> str:

@@ -199,11 +199,21 @@ def test_account_commands_change_the_account_and_say_how_many_sessions_ended(
 ) -> None:
     env = {"LEDGER_DATABASE_URL": db_url}
     assert (
-        run("users", "add", "ada", "--password-stdin", env=env, stdin="first pw\n").returncode == 0
+        run(
+            "users", "add", "ada", "--password-stdin", env=env, stdin="the first password\n"
+        ).returncode
+        == 0
     )
     outputs = [
         run("users", "set-scopes", "ada", "profile", "email", env=env),
-        run("users", "set-password", "ada", "--password-stdin", env=env, stdin="second pw\n"),
+        run(
+            "users",
+            "set-password",
+            "ada",
+            "--password-stdin",
+            env=env,
+            stdin="the second password\n",
+        ),
         run("sessions", "revoke", "--user", "ada", env=env),
         run("users", "remove", "ada", env=env),
     ]
@@ -262,6 +272,7 @@ def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
     [
         (("clients", "add", "spa", "--grant", "implicit"), "grants must be some of"),
         (("users", "add", "eve", "--password-stdin"), "the password is empty"),
+        (("users", "add", "eve", "--password-stdin"), "has 8 characters; at least 12 are needed"),
         (("clients", "add", "web"), "needs at least one --redirect-uri"),
         (("clients", "add", "web", "--redirect-uri", "http://app.test/cb"), "must use https"),
         (("clients", "add", "web", "--redirect-uri", "https://app.test/cb#x"), "fragment"),
@@ -273,7 +284,8 @@ def test_a_supplied_client_secret_under_128_bits_is_refused_naming_the_rule(
 def test_bad_account_input_is_refused_clearly(
     db_url: str, args: tuple[str, ...], message: str
 ) -> None:
-    stdin = "\n" if "eve" in args else "password\n"
+    short = {"the password is empty": "\n", "has 8 characters": "password\n"}
+    stdin = next((v for k, v in short.items() if k in message), "a long enough password\n")
     result = run(*args, env={"LEDGER_DATABASE_URL": db_url}, stdin=stdin)
     assert result.returncode == 1
     assert message in result.stderr
