@@ -26,6 +26,7 @@ import string
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -258,6 +259,21 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             return False
 
+    def user_listing(self) -> list[tuple[str, tuple[str, ...], datetime | None]]:
+        """Every user's name, scopes and recorded lock end (past ones included), by name."""
+        with translated_errors(), self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT u.name, u.scopes, p.locked_until FROM users u"
+                " LEFT JOIN principals p ON p.name = u.name ORDER BY u.name"
+            ).fetchall()
+        return [(row[0], tuple(row[1]), row[2]) for row in rows]
+
+    def clients(self) -> list[Client]:
+        """Every registered client, by id."""
+        with translated_errors(), self.pool.connection() as conn:
+            rows = conn.execute(_CLIENTS).fetchall()
+        return [_client(row) for row in rows]
+
     def widen_client(
         self, client_id: str, grants: tuple[str, ...], redirect_uris: tuple[str, ...]
     ) -> None:
@@ -285,6 +301,10 @@ class Accounts:
 _USER = (
     "SELECT name, password_hash, scopes FROM users"
     ' WHERE name_key = %s AND lower(name COLLATE "C") = %s'
+)
+_CLIENTS = (
+    "SELECT client_id, secret_hash, grants, scopes, dpop_bound, redirect_uris FROM clients"
+    " ORDER BY client_id"
 )
 _CLIENT = (
     "SELECT client_id, secret_hash, grants, scopes, dpop_bound, redirect_uris FROM clients"

@@ -1,4 +1,5 @@
-"""Account changes that reach live sessions: removing a user, a new password, new scopes.
+"""Account changes that reach live sessions: removing a user, a new password, new scopes; and
+lifting a user's lockout.
 
 Each change is an event on the user's principal stream (`UserRemoved`, `PasswordChanged`,
 `UserScopesChanged`), written with the account row in one transaction; then the sessions it
@@ -22,7 +23,13 @@ from api.sessions import (
     end_user_sessions,
 )
 from ledger.db import translated_errors
-from ledger.events import Event, PasswordChanged, UserRemoved, UserScopesChanged
+from ledger.events import (
+    Event,
+    PasswordChanged,
+    PrincipalUnlocked,
+    UserRemoved,
+    UserScopesChanged,
+)
 from ledger.store import EventStore
 from projections import principal
 from projections.session import Policy
@@ -70,6 +77,24 @@ class UserChanges:
 
         self._change(name, query, (list(held), name), changed)
         return self.revoke(name, SCOPES_CHANGED, beyond_scopes=held)
+
+    def unlock(self, name: str) -> bool:
+        """Lift the user's lockout (PrincipalUnlocked), so the next login is judged afresh;
+        False when the user was not locked (nothing is recorded then)."""
+        name = self._named(name)
+        if self._accounts.user(name) is None:
+            raise AccountError(f"user {name!r} does not exist")
+        store = EventStore(self._pool)
+        with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            state = load_principal(conn, name, for_update=True)
+            now = self._clock()
+            if not principal.is_locked(state, now):
+                return False
+            unlocked = PrincipalUnlocked(occurred_at=now)
+            stream = principal_stream(name)
+            store.append(stream, state.version, [unlocked], self._info.metadata(), conn=conn)
+            save_principal(conn, principal.evolve(state, unlocked))
+        return True
 
     def revoke(
         self, name: str, reason: str = "revoked", *, beyond_scopes: Sequence[str] | None = None

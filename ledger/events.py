@@ -274,6 +274,11 @@ class PrincipalLocked(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrincipalUnlocked(Event):
+    """An administrator lifted the principal's lock (`users unlock`); its failures count anew."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class UserRemoved(Event):
     """The user was deleted (`users remove`); their sessions end with reason `user_removed`."""
 

@@ -14,6 +14,7 @@ from ledger.events import (
     Event,
     LoginFailed,
     PrincipalLocked,
+    PrincipalUnlocked,
 )
 
 LOCKED = "locked"
@@ -50,6 +51,8 @@ def evolve(state: PrincipalState, event: Event) -> PrincipalState:
         return dataclasses.replace(state, recent_failures=recent)
     if isinstance(event, PrincipalLocked | ClientLocked):
         return dataclasses.replace(state, locked_until=event.until, recent_failures=())
+    if isinstance(event, PrincipalUnlocked):
+        return dataclasses.replace(state, locked_until=None, recent_failures=())
     return state
 
 

@@ -25,6 +25,7 @@ from api.sessions import RequestInfo
 from api.settings import Settings
 from api.users import UserChanges
 from ledger.db import open_pool
+from ledger.serialization import format_timestamp
 
 users_app = typer.Typer(help="Users who log in.", no_args_is_help=True)
 clients_app = typer.Typer(help="OAuth clients.", no_args_is_help=True)
@@ -49,6 +50,27 @@ def users_add(
     with failures_exit_2(), _accounts() as accounts:
         accounts.add_user(name, password, tuple(scope or ()))
     typer.echo(f"user {name} created")
+
+
+@users_app.command("unlock")
+def users_unlock(name: Annotated[str, typer.Argument(help="The user name.")]) -> None:
+    """Lift a user's lockout after too many failed logins (PrincipalUnlocked)."""
+    with failures_exit_2(), _user_changes() as changes:
+        unlocked = changes.unlock(name)
+    typer.echo(f"user {name} unlocked" if unlocked else f"user {name} was not locked")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every user: name, scopes, and the lockout in force, if any."""
+    now = datetime.now(UTC)
+    with failures_exit_2(), _accounts() as accounts:
+        rows = accounts.user_listing()
+    for name, scopes, locked_until in rows:
+        locked = ""
+        if locked_until is not None and locked_until > now:
+            locked = f"locked until {format_timestamp(locked_until)}"
+        typer.echo("\t".join((name, " ".join(scopes) or "-", locked)).rstrip())
 
 
 @users_app.command("remove")
@@ -185,6 +207,25 @@ def clients_add(
     typer.echo(f"{kind} client {client_id} created{required}")
     if generated:
         typer.echo(f"client secret (shown once, store it now): {secret}")
+
+
+@clients_app.command("list")
+def clients_list() -> None:
+    """Every client: id, public or confidential, grants, client scopes, redirect URIs."""
+    with failures_exit_2(), _accounts() as accounts:
+        clients = accounts.clients()
+    for client in clients:
+        kind = "confidential" if client.is_confidential else "public"
+        dpop = ["dpop-required"] if client.dpop_bound else []
+        fields = (
+            client.client_id,
+            kind,
+            ",".join(client.grants),
+            " ".join(client.scopes) or "-",
+            " ".join(client.redirect_uris) or "-",
+            *dpop,
+        )
+        typer.echo("\t".join(fields))
 
 
 @contextmanager

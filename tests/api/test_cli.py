@@ -15,13 +15,15 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
+from api.sessions import Failure, RequestInfo, record_failure
 from ledger.chain import Envelope
 from ledger.db import SCHEMA_VERSION
 from ledger.events import ActivityRecorded, SessionEnded
 from ledger.store import EventStore, Stream
 from projections import session
+from projections.principal import LockoutPolicy
 from projections.session import Policy
-from projections.sql.inline import save_session
+from projections.sql.inline import load_principal, save_session
 from tests.api.conftest import client_secret_key
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -320,3 +322,48 @@ def test_sweep_once_records_the_expiries_that_are_due(db_url: str, pool: Connect
     ended = EventStore(pool).read_stream("session:s-1")[-1]
     assert (ended.type, ended.data) == ("SessionEnded", {"reason": "idle_timeout"})
     assert ended.occurred_at == T0 + Policy().idle_timeout
+
+
+def test_users_list_and_unlock(db_url: str, pool: ConnectionPool) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    for name, scopes in (("ada", ("--scope", "profile", "--scope", "audit")), ("bob", ())):
+        added = run("users", "add", name, "--password-stdin", *scopes, env=env,
+                    stdin="a long enough password\n")  # fmt: skip
+        assert added.returncode == 0, added.stderr
+    store, info = EventStore(pool), RequestInfo("r-1", "192.0.2.9", "test")
+    for _ in range(5):  # locked now, by the real clock the command reads
+        with pool.connection() as conn, conn.transaction():
+            state = load_principal(conn, "ada", for_update=True)
+            failure = Failure("wrong_password", info, datetime.now(UTC))
+            record_failure(store, conn, state, failure, LockoutPolicy())
+    listed = run("users", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    ada, bob = listed.stdout.splitlines()
+    assert ada.startswith("ada\tprofile audit\tlocked until ")
+    assert bob == "bob\t-"
+    unlocked = run("users", "unlock", "ada", env=env)
+    assert (unlocked.returncode, unlocked.stdout) == (0, "user ada unlocked\n")
+    assert run("users", "list", env=env).stdout.splitlines()[0] == "ada\tprofile audit"
+    again = run("users", "unlock", "ada", env=env)
+    assert again.stdout == "user ada was not locked\n"
+    assert [r.type for r in store.read_stream("principal:ada")][-2:] == [
+        "PrincipalLocked",
+        "PrincipalUnlocked",
+    ]
+    with pool.connection() as conn:  # the next login is judged afresh
+        assert load_principal(conn, "ada", for_update=False).locked_until is None
+    missing = run("users", "unlock", "nobody", env=env)
+    assert (missing.returncode, "user 'nobody' does not exist" in missing.stderr) == (1, True)
+
+
+def test_clients_list(db_url: str) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    web = ("clients", "add", "web", "--redirect-uri", "https://app.test/cb", "--require-dpop")
+    assert run(*web, env=env).returncode == 0
+    assert run("clients", "add", "pw", "--grant", "password", env=env).returncode == 0
+    listed = run("clients", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "pw\tpublic\tpassword\t-\t-",
+        "web\tpublic\tauthorization_code,refresh_token\t-\thttps://app.test/cb\tdpop-required",
+    ]
