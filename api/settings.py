@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import platformdirs
+
 from api.dpop import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS, DEFAULT_WINDOW
 from api.ratelimit import RateLimit
 from projections.principal import MAX_TRACKED_FAILURES, LockoutPolicy
 from projections.session import Policy, parse_duration
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-DEFAULT_DATA_DIR = Path(".session-ledger/pgdata")
+DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("session-ledger")) / "pgdata"
+"""The embedded server's data: one per user, wherever a command is run from."""
 MAX_ADDRESS_LOGIN_LIMIT = 1_000_000
 CLIENT_LOCKOUT = LockoutPolicy(max_failures=20, window=timedelta(minutes=15))
 """A client's secret is generated, so a burst of wrong ones is an attack or a misconfiguration,

@@ -46,6 +46,13 @@ def schema_sql() -> str:
     return resources.files("ledger").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
+def schema_exists(url: str) -> bool:
+    """Whether the database at `url` holds this project's schema, of any version."""
+    with translated_errors(), psycopg.connect(url) as conn:
+        row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    return row == (True,)
+
+
 def apply_schema(url: str) -> None:
     """Create or update every table, index, trigger and grant; safe to run any number of times.
 

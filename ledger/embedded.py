@@ -43,6 +43,11 @@ def running_url(data_dir: Path) -> str | None:
     return info.get_uri() if info is not None and info.is_running() else None
 
 
+def is_embedded_database(data_dir: Path) -> bool:
+    """Whether `data_dir` holds a PostgreSQL database (initialized, running or not)."""
+    return (data_dir.expanduser().resolve() / "PG_VERSION").exists()
+
+
 def is_embedded_running(data_dir: Path) -> bool:
     """Whether a PostgreSQL server is running on `data_dir`."""
     info = PostmasterInfo.read_from_pgdata(data_dir.expanduser().resolve())

@@ -44,5 +44,9 @@ class DatabaseUnavailable(LedgerError):
     """Raised when PostgreSQL cannot be reached or the connection was lost."""
 
 
+class NoDatabase(LedgerError):
+    """The embedded data directory holds no database, and this command does not create one."""
+
+
 class StorageError(LedgerError):
     """Raised when PostgreSQL rejects a statement for any other reason."""

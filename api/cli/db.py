@@ -6,19 +6,24 @@ import typer
 
 from api.cli.support import failures_exit_2, prepare_database, service_url
 from api.settings import Settings
-from ledger.embedded import stop_embedded
+from ledger.db import schema_exists
+from ledger.embedded import is_embedded_database, stop_embedded
 
 db_app = typer.Typer(help="The database: create the schema, show or stop the embedded server.")
 
 
 @db_app.command("init")
 def db_init() -> None:
-    """Create or update the schema (idempotent); on the embedded server also the login role
-    session_ledger_app that `serve` uses."""
+    """Create the database (embedded) or the schema, or update it (idempotent); on the embedded
+    server also the login role session_ledger_app that `serve` uses."""
     with failures_exit_2():
         settings = Settings.from_env()
-        service_url(settings, prepare_database(settings))
-    typer.echo("schema is up to date")
+        if settings.database_url:
+            new = not schema_exists(settings.database_url)
+        else:
+            new = not is_embedded_database(settings.data_dir)
+        service_url(settings, prepare_database(settings, create=True))
+    typer.echo("created the schema in a new database" if new else "schema is up to date")
 
 
 @db_app.command("url")
@@ -29,11 +34,7 @@ def db_url() -> None:
         url = prepare_database(settings, keep_embedded_running=True)
     typer.echo(url)
     if settings.database_url is None:
-        typer.echo(
-            f"embedded PostgreSQL in {settings.data_dir} is running; "
-            "stop it with: session-ledger db stop",
-            err=True,
-        )
+        typer.echo("it keeps running; stop it with: session-ledger db stop", err=True)
 
 
 @db_app.command("stop")

@@ -59,7 +59,7 @@ def serve(
                 " created on LEDGER_DATABASE_URL; remove it when the demo is over",
                 err=True,
             )
-        owner_url = prepare_database(settings)
+        owner_url = prepare_database(settings, create=True)
         url = service_url(settings, owner_url)
         check_role(url, RUNTIME_ROLE)  # the workers act as it; say why now if they cannot
         if demo:

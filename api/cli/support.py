@@ -10,8 +10,8 @@ import typer
 
 from api.settings import Settings, SettingsError
 from ledger.db import apply_schema, create_login_role
-from ledger.embedded import start_embedded
-from ledger.errors import LedgerError
+from ledger.embedded import is_embedded_database, start_embedded
+from ledger.errors import LedgerError, NoDatabase
 
 
 @contextmanager
@@ -24,12 +24,24 @@ def failures_exit_2() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def prepare_database(settings: Settings, *, keep_embedded_running: bool = False) -> str:
+def prepare_database(
+    settings: Settings, *, keep_embedded_running: bool = False, create: bool = False
+) -> str:
     """LEDGER_DATABASE_URL, or the embedded server's superuser URL after starting it if needed;
-    either way with the schema applied."""
-    url = settings.database_url or start_embedded(
-        settings.data_dir, keep_running=keep_embedded_running
-    )
+    either way with the schema applied. The embedded server's directory is named on stderr.
+    Only with `create` (db init, serve) is a new one made there: any other command would
+    otherwise work on an empty database by mistake (NoDatabase)."""
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        data_dir = settings.data_dir.expanduser().resolve()
+        if not create and not is_embedded_database(data_dir):
+            raise NoDatabase(
+                f"there is no database in {data_dir}: `session-ledger db init` creates one"
+                " there, or set LEDGER_DATA_DIR or LEDGER_DATABASE_URL to the one you mean"
+            )
+        typer.echo(f"session-ledger: embedded PostgreSQL in {data_dir}", err=True)
+        url = start_embedded(data_dir, keep_running=keep_embedded_running)
     apply_schema(url)
     return url
 

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import platformdirs
 import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
 from api.accounts import Accounts
 from api.sessions import Failure, RequestInfo, record_failure
+from api.settings import DEFAULT_DATA_DIR
 from ledger.chain import Envelope
 from ledger.db import SCHEMA_VERSION
 from ledger.events import ActivityRecorded, SessionEnded
@@ -111,6 +113,11 @@ def embedded_dir(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.slow
 def test_db_url_starts_the_embedded_server_and_reports_a_working_url(embedded_dir: Path) -> None:
     env = {"LEDGER_DATA_DIR": str(embedded_dir)}
+    created = run("db", "init", env=env)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout == "created the schema in a new database\n"
+    assert created.stderr.count(str(embedded_dir)) == 1  # named once
+    run("db", "stop", env=env)
     result = run("db", "url", env=env)
     assert result.returncode == 0, result.stderr
     url = result.stdout.strip()
@@ -367,3 +374,28 @@ def test_clients_list(db_url: str) -> None:
         "pw\tpublic\tpassword\t-\t-",
         "web\tpublic\tauthorization_code,refresh_token\t-\thttps://app.test/cb\tdpop-required",
     ]
+
+
+@pytest.mark.slow
+def test_a_command_on_a_directory_without_a_database_refuses_to_make_one(
+    embedded_dir: Path,
+) -> None:
+    env = {"LEDGER_DATA_DIR": str(embedded_dir)}
+    for command in (("export", "--format", "jsonl", "-o", str(embedded_dir.parent / "x")),
+                    ("verify",), ("users", "list"), ("db", "url")):  # fmt: skip
+        refused = run(*command, env=env)
+        assert refused.returncode == 2, command
+        assert f"there is no database in {embedded_dir}" in refused.stderr
+        assert "session-ledger db init" in refused.stderr
+    assert not embedded_dir.exists()
+    assert run("db", "init", env=env).returncode == 0
+    again = run("db", "init", env=env)
+    assert again.stdout == "schema is up to date\n"
+    verified = run("verify", env=env)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stderr == f"session-ledger: embedded PostgreSQL in {embedded_dir}\n"
+
+
+def test_the_default_data_directory_is_the_users_not_the_working_directorys() -> None:
+    assert DEFAULT_DATA_DIR.is_absolute()
+    assert Path(platformdirs.user_data_dir("session-ledger")) / "pgdata" == DEFAULT_DATA_DIR

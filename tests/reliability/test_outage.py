@@ -50,7 +50,11 @@ def start_database(data_dir: Path) -> str:
     pgserver keeps one handle per data directory in each process, so restarting it from the test
     process itself would hand back the stopped server's handle.
     """
-    result = run("db", "url", env={"LEDGER_DATA_DIR": str(data_dir)})
+    env = {"LEDGER_DATA_DIR": str(data_dir)}
+    result = run("db", "url", env=env)
+    if "there is no database" in result.stderr:  # the first start: create it
+        assert run("db", "init", env=env).returncode == 0
+        result = run("db", "url", env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
