@@ -26,7 +26,7 @@ from api.http.errors import (
     error_response,
 )
 from api.http.forms import json_text, read_json, required_json_text
-from api.http.proofs import nonced, request_proof, taken_once, token_request_proof
+from api.http.proofs import nonced, proven_key, request_proof, token_request_proof
 from api.sessions import RequestInfo, SessionService, TokenGrant
 from api.settings import Settings
 
@@ -75,9 +75,7 @@ async def login(request: Request, service: Service, info: Info) -> JSONResponse:
     scope = json_text(body, "scope")
     client = await _public_client(request, required_json_text(body, "client_id"), "password")
     # RFC 9449 §5, as at /oauth/token: a proof binds the session to its key.
-    proof = token_request_proof(request, client)
-    await taken_once(request, proof)
-    jkt = None if proof is None else proof.jkt
+    jkt = await proven_key(request, client)
     grant = await run_in_threadpool(service.login, username, password, client, scope, info, jkt)
     return _granted(request, grant, service)
 
@@ -96,9 +94,7 @@ async def code_login(request: Request, service: Service, info: Info) -> JSONResp
     verifier = required_json_text(body, "code_verifier")
     client_id = required_json_text(body, "client_id")
     client = await _public_client(request, client_id, AUTHORIZATION_CODE)
-    proof = token_request_proof(request, client)
-    await taken_once(request, proof)
-    jkt = None if proof is None else proof.jkt
+    jkt = await proven_key(request, client)
     grant = await run_in_threadpool(
         service.redeem_code, code, client, redirect_uri, verifier, info, jkt
     )

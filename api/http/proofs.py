@@ -68,6 +68,14 @@ def token_request_proof(request: Request, client: Client) -> Proof | None:
     return proof
 
 
+async def proven_key(request: Request, client: Client) -> str | None:
+    """The thumbprint of the key a token request proves (its proof checked as
+    `token_request_proof` does, and taken once), or None without a proof."""
+    proof = token_request_proof(request, client)
+    await taken_once(request, proof)
+    return None if proof is None else proof.jkt
+
+
 def nonced(request: Request, headers: dict[str, str]) -> dict[str, str]:
     """`headers` with the DPoP nonce to use next when server nonces are on (RFC 9449 §8.2)."""
     nonces: Nonces | None = request.app.state.dpop_nonces
