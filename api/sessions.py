@@ -65,6 +65,7 @@ from projections.sql.inline import (
     save_principal,
     save_session,
     save_session_async,
+    valid_client_sessions,
     valid_user_sessions,
 )
 from projections.streams import (
@@ -109,6 +110,7 @@ CODE_REPLAYED = "code_replayed"
 # SessionEnded reasons of account changes (api.users).
 USER_REMOVED, PASSWORD_CHANGED = "user_removed", "password_changed"
 SCOPES_CHANGED = "scopes_changed"
+CLIENT_REMOVED = "client_removed"
 _LOST_PRIVILEGE = {
     USER_REMOVED: "the session's user no longer exists; the session has ended",
     SCOPES_CHANGED: "the user no longer holds this session's scope; the session has ended",
@@ -825,19 +827,47 @@ def end_user_sessions(
     """End every session of `user` that is valid now (with `beyond_scopes`, every one holding a
     scope outside it), each with its own SessionEnded, in transactions of up to `batch_size`
     sessions (their rows locked); the count ended."""
+
+    def batch(conn: Connection, now: datetime) -> list[SessionState]:
+        return valid_user_sessions(
+            conn, user, now, policy, batch_size, for_update=True, beyond_scopes=beyond_scopes
+        )
+
+    return _end_sessions(pool, batch, reason, clock, policy, info, batch_size)
+
+
+def end_client_sessions(
+    pool: ConnectionPool,
+    client_id: str,
+    reason: str,
+    *,
+    clock: Callable[[], datetime],
+    policy: session.Policy,
+    info: RequestInfo,
+    batch_size: int = 500,
+) -> int:
+    """End every session of the client that is valid now, as end_user_sessions does."""
+
+    def batch(conn: Connection, now: datetime) -> list[SessionState]:
+        return valid_client_sessions(conn, client_id, now, policy, batch_size)
+
+    return _end_sessions(pool, batch, reason, clock, policy, info, batch_size)
+
+
+def _end_sessions(
+    pool: ConnectionPool,
+    select: Callable[[Connection, datetime], list[SessionState]],
+    reason: str,
+    clock: Callable[[], datetime],
+    policy: session.Policy,
+    info: RequestInfo,
+    batch_size: int,
+) -> int:
     store = EventStore(pool)
     ended = 0
     while True:
         with translated_errors(), pool.connection() as conn, conn.transaction():
-            batch = valid_user_sessions(
-                conn,
-                user,
-                clock(),
-                policy,
-                batch_size,
-                for_update=True,
-                beyond_scopes=beyond_scopes,
-            )
+            batch = select(conn, clock())
             for state in batch:
                 now = max(clock(), session.last_event_at(state))
                 decision = session.decide_end(state, reason, now, policy)

@@ -1,5 +1,5 @@
-"""Account changes that reach live sessions: removing a user, a new password, new scopes; and
-lifting a user's lockout.
+"""Account changes that reach live sessions: removing a user, a new password, new scopes,
+removing a client; and lifting a user's lockout.
 
 Each change is an event on the user's principal stream (`UserRemoved`, `PasswordChanged`,
 `UserScopesChanged`), written with the account row in one transaction; then the sessions it
@@ -16,14 +16,17 @@ from datetime import datetime
 
 from api.accounts import AccountError, Accounts
 from api.sessions import (
+    CLIENT_REMOVED,
     PASSWORD_CHANGED,
     SCOPES_CHANGED,
     USER_REMOVED,
     RequestInfo,
+    end_client_sessions,
     end_user_sessions,
 )
 from ledger.db import translated_errors
 from ledger.events import (
+    ClientRemoved,
     Event,
     PasswordChanged,
     PrincipalUnlocked,
@@ -34,7 +37,7 @@ from ledger.store import EventStore
 from projections import principal
 from projections.session import Policy
 from projections.sql.inline import load_principal, save_principal
-from projections.streams import principal_stream
+from projections.streams import client_stream, principal_stream
 
 
 class UserChanges:
@@ -95,6 +98,28 @@ class UserChanges:
             store.append(stream, state.version, [unlocked], self._info.metadata(), conn=conn)
             save_principal(conn, principal.evolve(state, unlocked))
         return True
+
+    def remove_client(self, client_id: str) -> int:
+        """Delete the client (ClientRemoved on its stream) and end every session it holds
+        (SessionEnded `client_removed`); the count ended."""
+        store = EventStore(self._pool)
+        with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            state = load_principal(conn, client_id, for_update=True, table="client_lockouts")
+            deleted = conn.execute("DELETE FROM clients WHERE client_id = %s", (client_id,))
+            if deleted.rowcount != 1:
+                raise AccountError(f"client {client_id!r} does not exist")
+            removed = ClientRemoved(occurred_at=self._clock())
+            stream = client_stream(client_id)
+            store.append(stream, state.version, [removed], self._info.metadata(), conn=conn)
+            save_principal(conn, principal.evolve(state, removed), table="client_lockouts")
+        return end_client_sessions(
+            self._pool,
+            client_id,
+            CLIENT_REMOVED,
+            clock=self._clock,
+            policy=self._policy,
+            info=self._info,
+        )
 
     def revoke(
         self, name: str, reason: str = "revoked", *, beyond_scopes: Sequence[str] | None = None

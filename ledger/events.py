@@ -312,6 +312,12 @@ class ClientAuthenticationFailed(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClientRemoved(Event):
+    """The client was deleted (`clients remove`); its sessions end with reason
+    `client_removed`."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClientCredentialsGranted(Event):
     """The client got an access token of its own (the client_credentials grant, RFC 6749 §4.4)
     holding `scope`, asked for from `ip` with `user_agent`."""

@@ -209,6 +209,15 @@ def clients_add(
         typer.echo(f"client secret (shown once, store it now): {secret}")
 
 
+@clients_app.command("remove")
+def clients_remove(client_id: Annotated[str, typer.Argument(help="The client id.")]) -> None:
+    """Delete a client and end all its sessions (ClientRemoved, then SessionEnded
+    client_removed)."""
+    with failures_exit_2(), _user_changes() as changes:
+        ended = changes.remove_client(client_id)
+    typer.echo(f"client {client_id} removed; {sessions_count(ended)} ended")
+
+
 @clients_app.command("list")
 def clients_list() -> None:
     """Every client: id, public or confidential, grants, client scopes, redirect URIs."""

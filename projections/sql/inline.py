@@ -57,6 +57,7 @@ _VALID_USER_SESSIONS = (
 _VALID_USER_SESSIONS_BEYOND = _VALID_USER_SESSIONS.replace(
     " ORDER BY", " AND NOT (scope <@ %s::text[]) ORDER BY"
 )
+_VALID_CLIENT_SESSIONS = _VALID_USER_SESSIONS.replace("user_name = %s", "client_id = %s")
 # The complement of session.is_valid among sessions not ended: due for their expiry's event.
 # Rows a request holds are skipped: that request records the expiry itself if it finds one.
 _DUE_SESSIONS = (
@@ -168,6 +169,17 @@ def valid_user_sessions(
         params += (list(beyond_scopes),)
     params += (limit,)
     return [_session(row) for row in conn.execute(query, params)]
+
+
+def valid_client_sessions(
+    conn: Connection, client_id: str, now: datetime, policy: session.Policy, limit: int
+) -> list[SessionState]:
+    """The client's sessions that are valid at `now`, their rows locked (as valid_user_sessions
+    with for_update)."""
+    query = statement(_VALID_CLIENT_SESSIONS, "sessions", _SESSION_COLUMNS) + " FOR UPDATE"
+    return [
+        _session(row) for row in conn.execute(query, (client_id, *valid_after(now, policy), limit))
+    ]
 
 
 def apply_session_decision(

@@ -399,3 +399,14 @@ def test_a_command_on_a_directory_without_a_database_refuses_to_make_one(
 def test_the_default_data_directory_is_the_users_not_the_working_directorys() -> None:
     assert DEFAULT_DATA_DIR.is_absolute()
     assert Path(platformdirs.user_data_dir("session-ledger")) / "pgdata" == DEFAULT_DATA_DIR
+
+
+def test_clients_remove(db_url: str) -> None:
+    env = {"LEDGER_DATABASE_URL": db_url}
+    assert run("clients", "add", "pw", "--grant", "password", env=env).returncode == 0
+    removed = run("clients", "remove", "pw", env=env)
+    assert (removed.returncode, removed.stdout) == (0, "client pw removed; 0 sessions ended\n")
+    assert run("clients", "list", env=env).stdout == ""
+    again = run("clients", "remove", "pw", env=env)
+    assert again.returncode == 1
+    assert "client 'pw' does not exist" in again.stderr

@@ -851,3 +851,21 @@ def test_the_demo_page_allows_only_its_own_scripts(live_factory: LiveFactory) ->
     assert directives["script-src"].startswith("'self' 'sha256-")
     assert "'unsafe-inline'" not in policy
     assert directives["frame-ancestors"] == "'none'"
+
+
+def test_removing_a_client_ends_its_sessions_and_its_tokens_stop_working(
+    live: LiveServer,
+) -> None:
+    live.accounts.add_client("old-app", None, ("password", "refresh_token"))
+    form = {"grant_type": "password", "client_id": "old-app", "username": "ada"}
+    theirs = live.post("/oauth/token", data={**form, "password": PASSWORD}).json()
+    ours = live.login()
+    assert _changes(live).remove_client("old-app") == 1
+    assert _ends(live) == ["client_removed"]
+    assert [e.type for e in live.events("client:old-app")][-1] == "ClientRemoved"
+    assert live.get("/sessions", headers=live.bearer(theirs["access_token"])).status_code == 401
+    refused = live.refresh(theirs["refresh_token"], client_id="old-app")
+    assert refused.json()["error"] == "invalid_client"
+    assert live.get("/sessions", headers=live.bearer(ours["access_token"])).status_code == 200
+    with pytest.raises(AccountError, match="client 'old-app' does not exist"):
+        _changes(live).remove_client("old-app")
