@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- 5: client_lockouts; keyed client-secret hashes; clients.scopes. 6: users.name_key. 7: the
 -- sessions' deadline indexes and the session-end feed's. 8: signal_streams. 9: dpop_proofs, sessions.jkt.
 -- 10: clients.dpop_bound. 11: clients.redirect_uris. 12: events.recorded_at = clock_timestamp();
--- address_failures.names.
+-- address_failures.names; users.disabled.
 INSERT INTO schema_version (version) VALUES (12) ON CONFLICT DO NOTHING;
 
 -- The event log. Rows are only ever inserted (see the trigger below).
@@ -85,6 +85,8 @@ CREATE TABLE IF NOT EXISTS users (
     scopes        text[]      NOT NULL DEFAULT '{}',
     created_at    timestamptz NOT NULL DEFAULT now()
 );
+-- A disabled user keeps the account but may not log in (`users disable`).
+ALTER TABLE users ADD COLUMN IF NOT EXISTS disabled boolean NOT NULL DEFAULT false;
 -- The look-alike key no two users share, api.accounts.name_key in SQL: case folded (names are
 -- ASCII), then I, i, 1 → l; 0 → o; m → rn (UTS #39's confusables among a name's characters).
 ALTER TABLE users ADD COLUMN IF NOT EXISTS name_key text NOT NULL GENERATED ALWAYS AS

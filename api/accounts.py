@@ -74,6 +74,8 @@ class User:
     name: str
     password_hash: str
     scopes: tuple[str, ...]
+    disabled: bool = False
+    """`users disable`: the account stays, but no login succeeds."""
 
 
 INTROSPECT_SCOPE = "tokens:introspect"
@@ -205,7 +207,7 @@ class Accounts:
         """The user `name` names in any case or Unicode form (normal_name), or None."""
         with translated_errors(), self.pool.connection() as conn:
             row = conn.execute(_USER, (name_key(name), normal_name(name))).fetchone()
-        return None if row is None else User(row[0], row[1], tuple(row[2]))
+        return None if row is None else User(row[0], row[1], tuple(row[2]), row[3])
 
     def client(self, client_id: str) -> Client | None:
         with translated_errors(), self.pool.connection() as conn:
@@ -259,14 +261,15 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             return False
 
-    def user_listing(self) -> list[tuple[str, tuple[str, ...], datetime | None]]:
-        """Every user's name, scopes and recorded lock end (past ones included), by name."""
+    def user_listing(self) -> list[tuple[str, tuple[str, ...], bool, datetime | None]]:
+        """Every user's name, scopes, whether disabled, and recorded lock end (past ones
+        included), by name."""
         with translated_errors(), self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT u.name, u.scopes, p.locked_until FROM users u"
+                "SELECT u.name, u.scopes, u.disabled, p.locked_until FROM users u"
                 " LEFT JOIN principals p ON p.name = u.name ORDER BY u.name"
             ).fetchall()
-        return [(row[0], tuple(row[1]), row[2]) for row in rows]
+        return [(row[0], tuple(row[1]), row[2], row[3]) for row in rows]
 
     def clients(self) -> list[Client]:
         """Every registered client, by id."""
@@ -299,7 +302,7 @@ class Accounts:
 
 # The unique index on name_key finds the one candidate; the second test keeps only the very name.
 _USER = (
-    "SELECT name, password_hash, scopes FROM users"
+    "SELECT name, password_hash, scopes, disabled FROM users"
     ' WHERE name_key = %s AND lower(name COLLATE "C") = %s'
 )
 _CLIENTS = (

@@ -111,8 +111,9 @@ CODE_REPLAYED = "code_replayed"
 USER_REMOVED, PASSWORD_CHANGED = "user_removed", "password_changed"
 SCOPES_CHANGED = "scopes_changed"
 CLIENT_REMOVED = "client_removed"
+USER_DISABLED = "user_disabled"
 _LOST_PRIVILEGE = {
-    USER_REMOVED: "the session's user no longer exists; the session has ended",
+    USER_REMOVED: "the session's user no longer exists or is disabled; the session has ended",
     SCOPES_CHANGED: "the user no longer holds this session's scope; the session has ended",
 }
 
@@ -293,8 +294,11 @@ class SessionService:
             raise InvalidGrant(_CODE_REFUSALS["replayed"])
         reason = codes.refusal(state, client.client_id, redirect_uri, verifier, now)
         holder = self._accounts.user(state.issued.user)
-        if reason is None and (holder is None or not set(state.issued.scope) <= set(holder.scopes)):
-            reason = "account"  # the user was removed, or lost a scope, since the code was issued
+        lost = (
+            holder is None or holder.disabled or not set(state.issued.scope) <= set(holder.scopes)
+        )
+        if reason is None and lost:
+            reason = "account"  # since it was issued: the user removed, disabled, or less scoped
         if reason is not None:
             refused = AuthorizationCodeRefused(
                 occurred_at=now, reason=reason, ip=info.ip, user_agent=info.user_agent
@@ -362,6 +366,8 @@ class SessionService:
             # so the time to answer does not tell which user names exist.
             elif not self._accounts.check_password(user, password):
                 refusal = "unknown_user" if user is None else "wrong_password", BAD_LOGIN
+            elif user is not None and user.disabled:  # told apart only in the record
+                refusal = "disabled", BAD_LOGIN
             if refusal is not None:
                 failure = Failure(refusal[0], info, now)
                 record_failure(self._store, conn, state, failure, self._settings.lockout)

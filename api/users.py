@@ -1,5 +1,5 @@
-"""Account changes that reach live sessions: removing a user, a new password, new scopes,
-removing a client; and lifting a user's lockout.
+"""Account changes that reach live sessions: removing or disabling a user, a new password, new
+scopes, removing a client; and enabling a user, or lifting a user's lockout.
 
 Each change is an event on the user's principal stream (`UserRemoved`, `PasswordChanged`,
 `UserScopesChanged`), written with the account row in one transaction; then the sessions it
@@ -19,6 +19,7 @@ from api.sessions import (
     CLIENT_REMOVED,
     PASSWORD_CHANGED,
     SCOPES_CHANGED,
+    USER_DISABLED,
     USER_REMOVED,
     RequestInfo,
     end_client_sessions,
@@ -30,6 +31,8 @@ from ledger.events import (
     Event,
     PasswordChanged,
     PrincipalUnlocked,
+    UserDisabled,
+    UserEnabled,
     UserRemoved,
     UserScopesChanged,
 )
@@ -68,6 +71,20 @@ class UserChanges:
         query = "UPDATE users SET password_hash = %s WHERE name = %s"
         self._change(name, query, (hashed, name), lambda at: PasswordChanged(occurred_at=at))
         return self.revoke(name, PASSWORD_CHANGED)
+
+    def disable(self, name: str) -> int:
+        """Let the user log in no more (UserDisabled) and end all their sessions; the count
+        ended. The account, its password and scopes stay for `enable`."""
+        name = self._named(name)
+        query = "UPDATE users SET disabled = true WHERE name = %s"
+        self._change(name, query, (name,), lambda at: UserDisabled(occurred_at=at))
+        return self.revoke(name, USER_DISABLED)
+
+    def enable(self, name: str) -> None:
+        """Let a disabled user log in again (UserEnabled)."""
+        name = self._named(name)
+        query = "UPDATE users SET disabled = false WHERE name = %s"
+        self._change(name, query, (name,), lambda at: UserEnabled(occurred_at=at))
 
     def set_scopes(self, name: str, scopes: Sequence[str]) -> int:
         """Give the user exactly `scopes`; end the sessions that hold any other; the count."""

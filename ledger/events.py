@@ -284,6 +284,17 @@ class UserRemoved(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class UserDisabled(Event):
+    """The user may not log in any more (`users disable`); their sessions end with reason
+    `user_disabled`. The account stays, and `users enable` (UserEnabled) restores it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserEnabled(Event):
+    """The user, disabled before, may log in again (`users enable`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PasswordChanged(Event):
     """The user's password was replaced (`users set-password`); their sessions end with reason
     `password_changed`. The password and its hash are never recorded."""

@@ -60,17 +60,34 @@ def users_unlock(name: Annotated[str, typer.Argument(help="The user name.")]) ->
     typer.echo(f"user {name} unlocked" if unlocked else f"user {name} was not locked")
 
 
+@users_app.command("disable")
+def users_disable(name: Annotated[str, typer.Argument(help="The user name.")]) -> None:
+    """Let a user log in no more and end all their sessions (UserDisabled, then SessionEnded
+    user_disabled); the account stays for `users enable`."""
+    with failures_exit_2(), _user_changes() as changes:
+        ended = changes.disable(name)
+    typer.echo(f"user {name} disabled; {sessions_count(ended)} ended")
+
+
+@users_app.command("enable")
+def users_enable(name: Annotated[str, typer.Argument(help="The user name.")]) -> None:
+    """Let a disabled user log in again (UserEnabled)."""
+    with failures_exit_2(), _user_changes() as changes:
+        changes.enable(name)
+    typer.echo(f"user {name} enabled")
+
+
 @users_app.command("list")
 def users_list() -> None:
-    """Every user: name, scopes, and the lockout in force, if any."""
+    """Every user: name, scopes, and `disabled` or the lockout in force, if any."""
     now = datetime.now(UTC)
     with failures_exit_2(), _accounts() as accounts:
         rows = accounts.user_listing()
-    for name, scopes, locked_until in rows:
-        locked = ""
+    for name, scopes, disabled, locked_until in rows:
+        notes = ["disabled"] if disabled else []
         if locked_until is not None and locked_until > now:
-            locked = f"locked until {format_timestamp(locked_until)}"
-        typer.echo("\t".join((name, " ".join(scopes) or "-", locked)).rstrip())
+            notes.append(f"locked until {format_timestamp(locked_until)}")
+        typer.echo("\t".join((name, " ".join(scopes) or "-", *notes)))
 
 
 @users_app.command("remove")

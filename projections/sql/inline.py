@@ -112,7 +112,8 @@ async def load_session_async(
 
 # The scopes the session's user holds now; no row when the user no longer exists.
 _HOLDER_SCOPES = (
-    "SELECT u.scopes FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.session_id = %s"
+    "SELECT u.scopes FROM sessions s JOIN users u ON u.name = s.user_name"
+    " WHERE s.session_id = %s AND NOT u.disabled"
 )
 
 

@@ -361,6 +361,11 @@ def test_users_list_and_unlock(db_url: str, pool: ConnectionPool) -> None:
         assert load_principal(conn, "ada", for_update=False).locked_until is None
     missing = run("users", "unlock", "nobody", env=env)
     assert (missing.returncode, "user 'nobody' does not exist" in missing.stderr) == (1, True)
+    disabled = run("users", "disable", "bob", env=env)
+    assert disabled.stdout == "user bob disabled; 0 sessions ended\n"
+    assert run("users", "list", env=env).stdout.splitlines()[1] == "bob\t-\tdisabled"
+    assert run("users", "enable", "bob", env=env).stdout == "user bob enabled\n"
+    assert run("users", "list", env=env).stdout.splitlines()[1] == "bob\t-"
 
 
 def test_clients_list(db_url: str) -> None:

@@ -53,7 +53,7 @@ from api.http.browser import REFRESH_COOKIE
 from api.http.dependencies import client_address
 from api.keys import Sealer, load_keyring
 from api.ratelimit import RateLimit
-from api.sessions import RequestInfo
+from api.sessions import BAD_LOGIN, RequestInfo
 from api.tokens import issue_access_token
 from api.users import UserChanges
 from ledger.db import apply_schema
@@ -869,3 +869,35 @@ def test_removing_a_client_ends_its_sessions_and_its_tokens_stop_working(
     assert live.get("/sessions", headers=live.bearer(ours["access_token"])).status_code == 200
     with pytest.raises(AccountError, match="client 'old-app' does not exist"):
         _changes(live).remove_client("old-app")
+
+
+def test_a_disabled_user_cannot_log_in_and_their_sessions_end_until_enabled(
+    live: LiveServer,
+) -> None:
+    tokens = live.login()
+    assert _changes(live).disable("ada") == 1
+    assert _ends(live) == ["user_disabled"]
+    assert live.get("/sessions", headers=live.bearer(tokens["access_token"])).status_code == 401
+    form = {"grant_type": "password", "client_id": "spa", "username": "ada", "password": PASSWORD}
+    refused = live.post("/oauth/token", data=form)
+    assert refused.json() == {"error": "invalid_grant", "error_description": BAD_LOGIN}
+    failed = [e.data["reason"] for e in live.events("principal:ada") if e.type == "LoginFailed"]
+    assert failed == ["disabled"]  # told apart in the record only
+    _changes(live).enable("ada")
+    assert live.post("/oauth/token", data=form).status_code == 200
+    types = [e.type for e in live.events("principal:ada")]
+    assert [t for t in types if t in ("UserDisabled", "LoginFailed", "UserEnabled")] == [
+        "UserDisabled",
+        "LoginFailed",
+        "UserEnabled",
+    ]
+
+
+def test_a_session_of_a_user_disabled_behind_its_back_cannot_refresh(
+    live: LiveServer, admin: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    tokens = live.login()
+    admin.execute("UPDATE users SET disabled = true WHERE name = 'ada'")
+    refused = live.refresh(tokens["refresh_token"])
+    assert refused.json()["error"] == "invalid_grant"
+    assert "no longer exists or is disabled" in refused.json()["error_description"]
