@@ -137,6 +137,7 @@ _CHAIN = (  # Envelope.of's argument order, then the stored links
     "SELECT stream_id, stream_type, version, type, schema_version, occurred_at, data, metadata,"
     " prev_hash, hash FROM events ORDER BY stream_id, version"
 )
+_CHAIN_OF = _CHAIN.replace(" ORDER BY", " WHERE stream_id = ANY(%s) ORDER BY")
 _CONFLICT_CONSTRAINT = "events_stream_version_key"
 _OLDER_TRANSACTION = (
     "stream {!r}: its last event was written by a transaction that began after this one;"
@@ -329,9 +330,11 @@ class EventStore:
         """Recompute every stream's hash chain; return each broken stream's first broken link."""
         return self.check_chains().broken
 
-    def check_chains(self) -> ChainChecker:
-        """Recompute every stream's hash chain: the checker, with what it counted and found."""
+    def check_chains(self, stream_ids: Sequence[str] | None = None) -> ChainChecker:
+        """Recompute every stream's hash chain (or only those of `stream_ids`): the checker,
+        with what it counted and found."""
         checker = ChainChecker()
+        query, params = (_CHAIN, ()) if stream_ids is None else (_CHAIN_OF, (list(stream_ids),))
         with (
             translated_errors(),
             self._pool.connection() as conn,
@@ -339,7 +342,7 @@ class EventStore:
             conn.cursor(name="ledger_verify") as cursor,
         ):
             cursor.itersize = 10_000
-            for row in cursor.execute(_CHAIN):
+            for row in cursor.execute(query, params):
                 *fields, prev_hash, stored = row
                 checker.check(Envelope.of(*fields), bytes(prev_hash), bytes(stored))
         return checker

@@ -10,6 +10,7 @@ from api.cli.events import events_app
 from api.cli.history import history
 from api.cli.keys import keys_app
 from api.cli.serve import serve_app
+from api.cli.timeline import timeline_app
 
 app = typer.Typer(
     help="session-ledger: an event-sourced session service on PostgreSQL.",
@@ -24,6 +25,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(events_app)
 app.add_typer(serve_app)
 app.add_typer(history)
+app.add_typer(timeline_app)
 
 
 def main() -> None:

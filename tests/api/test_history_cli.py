@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,3 +171,66 @@ def test_project_started_in_the_background_stops_on_sigint(db_url: str) -> None:
             process.wait(timeout=30)
         assert process.stderr is not None
         process.stderr.close()
+
+
+def test_history_of_a_session_is_its_timeline_with_the_chain_checked(
+    live: LiveServer, history: dict[str, str]
+) -> None:
+    env = cli_env(live)
+    first = history["first"]  # ada's: logged in at 09:00, refreshed at 09:10, then revoked
+    result = run("history", "--session", first, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    events = body["events"]
+    started, ended = events[0], events[-1]
+    assert (started["type"], started["ip"]) == ("SessionStarted", "127.0.0.1")
+    assert started["occurred_at"] == "2026-03-01T09:00:00.000000Z"
+    (rotated,) = [e for e in events if e["type"] == "RefreshTokenRotated"]
+    assert rotated["generation"] == 2
+    assert (ended["type"], ended["reason"]) == ("SessionEnded", "logout")
+    count = len(events)
+    assert body["chain"] == {"holds": True, "events": count, "streams": 1, "broken": []}
+    table = run("history", "--session", first, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "RefreshTokenRotated" in table.stdout
+    assert f"hash chains hold: {count} event(s) in 1 stream(s)" in table.stdout
+
+
+def test_history_of_a_user_holds_their_failed_logins_and_every_session(
+    live: LiveServer, history: dict[str, str]
+) -> None:
+    result = run("history", "--user", "ada", "--json", env=cli_env(live))
+    assert result.returncode == 0, result.stderr
+    events = json.loads(result.stdout)["events"]
+    assert {e["stream_id"] for e in events} == {
+        "principal:ada",
+        f"session:{history['first']}",
+        f"session:{history['third']}",
+    }
+    times = [e["occurred_at"] for e in events]
+    assert times == sorted(times)
+    assert events[-1]["type"] == "LoginFailed"
+    since = run("history", "--user", "ada", "--since", "2026-03-01T09:30:00Z", "--json",
+                env=cli_env(live))  # fmt: skip
+    assert [e["type"] for e in json.loads(since.stdout)["events"]] == ["LoginFailed"]
+
+
+def test_history_names_a_broken_chain_and_exits_1(
+    live: LiveServer, history: dict[str, str], admin: Admin
+) -> None:
+    admin.execute("ALTER TABLE events DISABLE TRIGGER USER")
+    admin.execute(
+        "UPDATE events SET data = jsonb_set(data, '{reason}', '\"idle_timeout\"')"
+        " WHERE type = 'SessionEnded' AND stream_id = %s",
+        (f"session:{history['first']}",),
+    )
+    result = run("history", "--session", history["first"], env=cli_env(live))
+    assert result.returncode == 1
+    assert "BROKEN:" in result.stdout
+    assert "hash does not match content" in result.stdout
+
+
+def test_history_needs_one_of_session_and_user(live: LiveServer) -> None:
+    result = run("history", env=cli_env(live))
+    assert result.returncode == 2
+    assert "exactly one of --session and --user" in result.stderr
