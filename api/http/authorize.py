@@ -97,12 +97,8 @@ class AuthorizationRequest:
 @router.get("/oauth/authorize", include_in_schema=False)
 async def authorize_page(request: Request) -> Response:
     try:
-        params = parse_form(request.url.query.encode())
-    except InvalidRequest as refused:
-        return _error_page(refused.description)
-    try:
-        authorization = await _validated(request, params)
-    except PageError as refused:
+        authorization = await _validated(request, parse_form(request.url.query.encode()))
+    except (InvalidRequest, PageError) as refused:
         return _error_page(refused.description)
     except RedirectError as refused:
         return _redirect_error(request, refused)

@@ -19,6 +19,7 @@ from api.accounts import AUTHORIZATION_CODE, Client, ClientDirectory
 from api.errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from api.http import openapi as oas
 from api.http.dependencies import Info, Service
+from api.http.edge import DEMO_PATH
 from api.http.errors import (
     NO_STORE,
     BrowserClientRefused,
@@ -179,7 +180,7 @@ async def session_client() -> Response:
     )
 
 
-@router.get("/demo", include_in_schema=False)
+@router.get(DEMO_PATH, include_in_schema=False)
 async def demo(request: Request) -> Response:
     if not request.app.state.settings.demo:
         raise HTTPException(status_code=404)
